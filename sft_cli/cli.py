@@ -1,0 +1,223 @@
+"""`sft VERB [overrides]`: the only module that knows about Hydra.
+
+It turns the command line into one typed `SFTConfig` (schema defaults < conf/
+groups < recipe < command line), hands it to the verb's `run(cfg)`, and turns
+errors into exit codes: 0 ok, 1 runtime failure, 2 usage or config error.
+
+    sft prepare recipe=demo show=2
+    sft prepare recipe=path/to/mine.yaml data.loss_on=all
+    sft prepare -m recipe=demo max_seq_len=512,1024 'run_dir=runs/len${max_seq_len}'
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from sft_cli.errors import ConfigError, SFTError
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+RECIPES_DIR = ROOT / "recipes"
+
+# verb -> (module with `run(cfg) -> int`, one-line description)
+VERBS: dict[str, tuple[str, str]] = {
+    "prepare": ("sft_cli.data.prepare", "raw data -> validated, chat-templated, tokenized, loss-masked examples"),
+    "pack": ("sft_cli.data.pack", "examples -> fixed-length packed rows with no cross-example attention"),
+    "train": ("sft_cli.train", "LoRA or full fine-tuning: packing, loss masking, NEFTune, exact resume"),
+    "evaluate": ("sft_cli.evaluate", "loss/perplexity, generations, forgetting and diversity checks"),
+    "merge-lora": ("sft_cli.merge", "fold the LoRA adapter into the base and save a plain HF model"),
+}
+
+err_console = Console(stderr=True)
+
+
+def _print_verbs() -> None:
+    table = Table(title="sft VERB [key=value ...]  (sft VERB --help for a verb's config)", show_header=False)
+    for verb, (_, description) in VERBS.items():
+        table.add_row(f"[bold]{verb}[/]", description)
+    Console().print(table)
+    Console().print("Examples: sft prepare recipe=demo | sft train recipe=lima-1k optim.lr=1e-5 | -m for sweeps")
+
+
+def _resolve_recipe(value: str) -> Path:
+    """A recipe is a name in recipes/ or a path to a YAML file of the user's own."""
+    candidate = Path(value)
+    if candidate.suffix in (".yaml", ".yml") or os.sep in value:
+        if candidate.is_file():
+            return candidate.resolve()
+        raise ConfigError("recipe", f"file not found: {value}", "give an existing .yaml path or a name from recipes/")
+    named = RECIPES_DIR / f"{value}.yaml"
+    if named.is_file():
+        return named
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(value, known, n=1)
+    hint = f"did you mean recipe={close[0]}? " if close else ""
+    raise ConfigError("recipe", f"unknown recipe '{value}'", f"{hint}known recipes: {', '.join(known)}")
+
+
+def _stage_recipes(overrides: list[str], workdir: Path) -> list[str]:
+    """Copy the chosen recipe file(s) into a Hydra search-path folder `recipe/`.
+
+    Hydra only finds group options by folder name; copying lets `recipe=NAME` and
+    `recipe=path/x.yaml` (and sweeps over both) use one mechanism. A user file without
+    the `# @package _global_` header gets one, so its keys land at the top level.
+    """
+    staged = [f"hydra.searchpath=[file://{workdir}]"]
+    for arg in overrides:
+        if not arg.startswith("recipe="):
+            staged.append(arg)
+            continue
+        stems = []
+        for value in arg.split("=", 1)[1].split(","):
+            path = _resolve_recipe(value.strip())
+            stem = path.stem
+            text = path.read_text()
+            if "@package _global_" not in text.split("\n", 1)[0]:
+                text = "# @package _global_\n" + text
+            (workdir / "recipe").mkdir(exist_ok=True)
+            (workdir / "recipe" / f"{stem}.yaml").write_text(text)
+            stems.append(stem)
+        staged.append("recipe=" + ",".join(stems))
+    return staged
+
+
+def _schema_keys() -> list[str]:
+    """Every dotted key of the schema (data.sources entries are checked by Hydra itself)."""
+    from dataclasses import fields, is_dataclass
+
+    from sft_cli.config import SFTConfig
+
+    def walk(cls, prefix: str):
+        for f in fields(cls):
+            key = f"{prefix}{f.name}"
+            yield key
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            if is_dataclass(default):
+                yield from walk(type(default), key + ".")
+
+    return list(walk(SFTConfig, ""))
+
+
+def _check_override_keys(overrides: list[str]) -> None:
+    """Catch command-line typos before Hydra does, with a did-you-mean fix."""
+    keys = _schema_keys()
+    for arg in overrides:
+        if arg.startswith(("-", "+", "~", "hydra.", "hydra/", "recipe=")) or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        if key in keys or key.split("[")[0] in keys or key in ("model", "peft"):
+            continue
+        close = difflib.get_close_matches(key, keys, n=2, cutoff=0.6)
+        fix = f"did you mean {' or '.join(close)}?" if close else "see every key with `sft VERB --cfg job`"
+        raise ConfigError(key, "is not a config key", fix)
+
+
+def _config_error_from_omegaconf(exc: Exception) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "config"
+    message = str(exc).split("\n")[0]
+    if "Missing mandatory value" in message:
+        return ConfigError(key, "is required but not set", f"set it in the recipe or pass {key}=...")
+    return ConfigError(key, message, "check the key name and type with `sft VERB --cfg job`")
+
+
+def _run_verb(verb: str, cfg_node) -> int:
+    """Hydra task function body: typed config in, exit code out. Never raises."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sft_cli.config import SFTConfig
+
+    try:
+        try:
+            cfg: SFTConfig = OmegaConf.to_object(cfg_node)
+        except OmegaConfBaseException as exc:
+            raise _config_error_from_omegaconf(exc) from None
+        module = importlib.import_module(VERBS[verb][0])
+        return int(module.run(cfg) or 0)
+    except ConfigError as exc:
+        err_console.print(f"[bold red]config error[/] {exc}")
+        return exc.exit_code
+    except SFTError as exc:
+        err_console.print(f"[bold red]error[/] {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        return 130
+    except Exception as exc:  # a bug of ours: say so, keep the traceback out of the way
+        log = Path(tempfile.gettempdir()) / "sft-error.log"
+        log.write_text(traceback.format_exc())
+        err_console.print(f"[bold red]internal error[/] {type(exc).__name__}: {exc}\n  traceback: {log}")
+        return 1
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    from sft_cli.assets import asset_path
+
+    # ${asset:data/x.jsonl}: a file shipped inside the package, so recipes work from any directory.
+    OmegaConf.register_new_resolver("asset", asset_path, replace=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        _print_verbs()
+        sys.exit(0 if argv else 2)
+    verb, overrides = argv[0], argv[1:]
+    if verb not in VERBS:
+        close = difflib.get_close_matches(verb, list(VERBS), n=1)
+        err_console.print(f"[bold red]usage error[/] unknown verb '{verb}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+        _print_verbs()
+        sys.exit(2)
+    module_name = VERBS[verb][0]
+    if importlib.util.find_spec(module_name) is None:
+        err_console.print(f"[bold red]sft {verb}[/]: not implemented yet")
+        sys.exit(2)
+
+    import hydra
+    from hydra.core.config_store import ConfigStore
+
+    from sft_cli.config import SFTConfig
+
+    ConfigStore.instance().store(name="sft_schema", node=SFTConfig)
+    _register_resolvers()
+    workdir = Path(tempfile.mkdtemp(prefix="sft-recipes-"))
+    exit_codes: list[int] = []
+    try:
+        try:
+            _check_override_keys(overrides)
+            hydra_args = _stage_recipes(overrides, workdir)
+        except ConfigError as exc:
+            err_console.print(f"[bold red]config error[/] {exc}")
+            sys.exit(2)
+
+        @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+        def task(cfg) -> None:
+            exit_codes.append(_run_verb(verb, cfg))
+
+        sys.argv = [f"sft {verb}", f"hydra.job.name=sft-{verb}", *hydra_args]
+        try:
+            task()
+        except SystemExit as exc:
+            # Hydra exits 1 on composition errors (unknown key, bad type, missing recipe),
+            # which happen before any task ran: those are config errors, exit 2.
+            code = exc.code if isinstance(exc.code, int) else 1
+            sys.exit(2 if code == 1 and not exit_codes else code)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    sys.exit(max(exit_codes, default=0))
+
+
+if __name__ == "__main__":
+    main()

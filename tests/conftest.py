@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny tokenizers/models built once per machine (cached), tiny data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    """tiny_dir(template="chatml", arch="llama") -> folder with a tiny model + tokenizer."""
+    from sft_cli.assets.tiny import tiny_model_dir
+
+    return lambda template="chatml", arch="llama": tiny_model_dir(template=template, arch=arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    cache = {}
+
+    def load(template="chatml"):
+        if template not in cache:
+            cache[template] = AutoTokenizer.from_pretrained(str(tiny_dir(template)))
+        return cache[template]
+
+    return load
+
+
+def _write_jsonl(path: Path, rows: list) -> Path:
+    """Rows may be dicts (dumped as JSON) or raw bytes/str lines (written as they are)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        for row in rows:
+            if isinstance(row, bytes):
+                handle.write(row.rstrip(b"\n") + b"\n")
+            elif isinstance(row, str):
+                handle.write(row.rstrip("\n").encode() + b"\n")
+            else:
+                handle.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+    return path
+
+
+def _run_sft(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real entry point, as a user runs it."""
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "sft_cli", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def write_jsonl():
+    return _write_jsonl
+
+
+@pytest.fixture
+def sft():
+    """sft("prepare", "key=value", ...) -> CompletedProcess of `python -m sft_cli ...`."""
+    return _run_sft
