@@ -7,11 +7,12 @@ template, with or without `{% generation %}` markers. For each assistant turn i:
     upto_i   = template(messages[:i+1])
     full     = template(messages)
 
-`full` must start with `prompt_i` and with `upto_i` (else the template renders
-history differently from a live prompt, and training on it would teach the wrong
-thing: the row is rejected as `template_mismatch`). The turn's loss span is
-`upto_i[len(prompt_i):]` with trailing whitespace cut: the reply plus the tokens
-that close it (`<|im_end|>`, `<|eot_id|>`, `</s>`), so the model learns to stop.
+`full` must start with `prompt_i`, and the turn's loss span runs from there to
+where `upto_i` and `full` part ways, trailing whitespace cut: the reply plus the
+tokens that close it (`<|im_end|>`, `<|eot_id|>`, `</s>`), so the model learns to
+stop. A template that renders an old turn unlike a live one (reasoning templates
+drop old thoughts) leaves that turn untrained; if the last turn does not match
+what inference would see, the row is rejected as `template_mismatch`.
 Characters map to tokens through the fast tokenizer's offsets; a token is trained
 when it overlaps a span.
 
@@ -58,23 +59,44 @@ class Renderer:
         # Non-chat rows get BOS only if this tokenizer normally adds it, and always EOS.
         self.bos_text = bos if adds_bos else ""
         self.eos_text = tokenizer.eos_token or ""
+        # Longest first: the end of a turn must never fall inside one of these strings.
+        self.markers = sorted((t for t in tokenizer.added_tokens_encoder if len(t) > 1), key=len, reverse=True)
         self._compiled = None
+        self._parts = None  # does the template want content as [{"type": "text", "text": ...}]?
 
     def __getstate__(self):  # compiled jinja does not pickle; each worker compiles its own
         return {**self.__dict__, "_compiled": None}
 
     # -- text and character spans ------------------------------------------------------------
-    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        template = self.tokenizer.chat_template
-        if not template:
-            raise RowError("no_chat_template")
+    def _render_raw(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if self._compiled is None:
-            self._compiled = _compile(template)
+            self._compiled = _compile(self.tokenizer.chat_template)
+        if self._parts:
+            messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **self.template_vars)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if not self.tokenizer.chat_template:
+            raise RowError("no_chat_template")
+        if self._parts is None:
+            self._parts = self._wants_parts()
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self.template_vars)
+            return self._render_raw(messages, add_generation_prompt)
         except Exception as exc:  # the template's own raise_exception, or a jinja error
             raise RowError("template_error", str(exc).splitlines()[0][:200]) from None
+
+    def _wants_parts(self) -> bool:
+        """Multimodal templates iterate content parts and silently drop a plain string."""
+        probe = [{"role": "user", "content": "zq1"}, {"role": "assistant", "content": "zq2"}]
+        self._parts = False
+        try:
+            if "zq2" in self._render_raw(probe, False):
+                return False
+            self._parts = True
+            return "zq2" in self._render_raw(probe, False)
+        except Exception:
+            return False
 
     def text_and_spans(self, example: dict) -> tuple[str, list[tuple[int, int]]]:
         """The example as one string, and the [start, end) character spans that carry loss."""
@@ -96,13 +118,25 @@ class Renderer:
             turns = turns[-1:]
         spans = []
         for i in turns:
+            last = i == len(messages) - 1
             prompt = self.render(messages[:i], add_generation_prompt=True)
-            upto = full if i == len(messages) - 1 else self.render(messages[: i + 1], add_generation_prompt=False)
-            if not (full.startswith(prompt) and full.startswith(upto) and len(upto) > len(prompt)):
-                raise RowError("template_mismatch",
-                               f"turn {i}: the prompt rendered alone is not a prefix of the rendered conversation")
-            reply = upto[len(prompt):]
+            upto = full if last else self.render(messages[: i + 1], add_generation_prompt=False)
+            # The turn ends where "conversation so far" and "whole conversation" part ways: a
+            # template may close a conversation differently from a turn (Phi-3 appends EOS).
+            end = _snap_before_marker(full, _common_prefix_len(upto, full), self.markers)
+            reply = full[len(prompt):end] if full.startswith(prompt) else ""
+            if messages[i]["content"].strip() not in reply:
+                if last:
+                    at = _common_prefix_len(prompt, full)
+                    raise RowError("template_mismatch", f"turn {i}: the inference prompt continues with "
+                                   f"{prompt[at:at + 24]!r} but the conversation with {full[at:at + 24]!r} "
+                                   "(e.g. a template that forces '<think>' on data without reasoning)")
+                # A template that rewrites history (reasoning models drop old thoughts) renders this
+                # turn unlike what the model generates live: training on it would teach the wrong thing.
+                continue
             spans.append((len(prompt), len(prompt) + len(reply.rstrip())))
+        if not spans:
+            raise RowError("template_mismatch", "no assistant turn renders as it would be generated")
         return full, spans
 
     # -- batched map -------------------------------------------------------------------------
@@ -151,6 +185,30 @@ class Renderer:
             out["num_tokens"][j], out["num_loss_tokens"][j] = len(ids), len(supervised)
             out["last_loss_id"][j] = supervised[-1]
         return out
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # binary search: the first index where they differ
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[: mid + 1] == b[: mid + 1]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _snap_before_marker(text: str, pos: int, markers: list[str]) -> int:
+    """Move `pos` to the start of a special token it falls inside (`<|im_end|>` vs `<|im_start|>`
+    agree on 5 characters; the turn boundary is before either, not inside)."""
+    for marker in markers:
+        start = text.find(marker, max(0, pos - len(marker) + 1), pos + len(marker) - 1)
+        if start != -1 and start < pos < start + len(marker):
+            return start
+    return pos
 
 
 def loss_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:

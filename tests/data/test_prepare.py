@@ -1,0 +1,186 @@
+"""`sft prepare` end to end through the real CLI on a tiny tokenizer."""
+
+import json
+
+import datasets
+import pytest
+
+CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+MODEL = "model.name_or_path=builtin:tiny-llama-chatml"
+
+
+def chat(i):
+    return {"messages": [{"role": "user", "content": f"Question {i}?"},
+                         {"role": "assistant", "content": f"Answer {i}."}]}
+
+
+def sources(*entries):
+    return "data.sources=[" + ",".join("{" + ", ".join(f"{k}: {v}" for k, v in e.items()) + "}"
+                                       for e in entries) + "]"
+
+
+def report(run_dir):
+    return json.loads((run_dir / "prepared" / "report.json").read_text())
+
+
+def rejected(run_dir):
+    return [json.loads(line) for line in (run_dir / "prepared" / "rejected.jsonl").read_text().splitlines()]
+
+
+BAD_ROWS = [  # (row, reason) in file order; good rows between them
+    ({"messages": [{"role": "user", "content": "only a question"}]}, "no_assistant_turn"),
+    ({"messages": CHAT + [{"role": "user", "content": "dangling"}]}, "not_ending_with_assistant"),
+    ({"messages": [{"role": "wizard", "content": "x"}, CHAT[1]]}, "unknown_role"),
+    ({"messages": [{"role": "user", "content": ""}, CHAT[1]]}, "empty_content"),
+    ({"messages": [{"role": "user", "content": None}, CHAT[1]]}, "empty_content"),
+    ({"messages": [{"role": "user", "content": 42}, CHAT[1]]}, "non_string_content"),
+    ({"messages": [{"role": "user"}, CHAT[1]]}, "missing_field"),
+    ({"title": "no known columns"}, "unknown_format"),
+    ('{"messages": [', "malformed_json"),
+    (b'{"text": "caf\xe9 latin-1"}', "invalid_utf8"),
+    (chat(0), "duplicate"),
+]
+
+
+def test_every_bad_input_class_is_counted_with_its_location(tmp_path, write_jsonl, sft):
+    rows, expected = [chat(0)], {}
+    for i, (row, reason) in enumerate(BAD_ROWS, start=1):
+        rows += [row, chat(i)]
+        expected[2 * i] = reason  # 1-based line number of the bad row
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    result = sft("prepare", MODEL, sources({"path": str(data)}), f"run_dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    got = {int(r["location"].rsplit(":", 1)[1]): r["reason"] for r in rejected(tmp_path / "run")}
+    assert got == expected
+    rep = report(tmp_path / "run")
+    assert rep["kept"] == len(BAD_ROWS) + 1 and rep["rejected"] == len(BAD_ROWS)
+    assert sum(rep["rejected_by_reason"].values()) == len(BAD_ROWS)
+    assert rep["rejected_by_reason"]["empty_content"] == 2
+    assert "duplicate" in result.stdout and "data.jsonl:2" in result.stdout  # table shows first locations
+    prepared = datasets.load_from_disk(str(tmp_path / "run" / "prepared"))
+    assert len(prepared["train"]) == rep["kept"]
+    assert set(prepared["train"].column_names) >= {"input_ids", "labels", "source"}
+
+
+def test_on_error_raise_stops_at_first_bad_row(tmp_path, write_jsonl, sft):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(0), chat(1), '{"broken', chat(2), {"x": 1}])
+    result = sft("prepare", MODEL, sources({"path": str(data)}), "data.on_error=raise", f"run_dir={tmp_path}")
+    assert result.returncode == 1
+    assert f"{data}:3: malformed_json" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_source_with_zero_valid_rows_is_an_error(tmp_path, write_jsonl, sft):
+    good = write_jsonl(tmp_path / "good.jsonl", [chat(i) for i in range(3)])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"x": 1}, {"y": 2}])
+    result = sft("prepare", MODEL, sources({"path": str(good)}, {"path": str(bad)}), f"run_dir={tmp_path}")
+    assert result.returncode == 1 and "'bad' has zero valid rows" in result.stderr
+
+
+def test_cache_hit_and_miss(tmp_path, write_jsonl, sft):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(i) for i in range(20)])
+    args = ["prepare", MODEL, sources({"path": str(data)}), f"run_dir={tmp_path / 'run'}"]
+    assert sft(*args).returncode == 0
+    first = json.loads((tmp_path / "run/prepared/manifest.json").read_text())
+    again = sft(*args)
+    assert again.returncode == 0 and "up to date" in again.stderr
+    assert json.loads((tmp_path / "run/prepared/manifest.json").read_text()) == first
+    write_jsonl(data, [chat(i) for i in range(21)])  # content changed: rebuild
+    changed = sft(*args)
+    assert "up to date" not in changed.stderr and report(tmp_path / "run")["kept"] == 21
+    config_changed = sft(*args, "max_seq_len=128")
+    assert "up to date" not in config_changed.stderr
+
+
+def test_file_formats_glob_and_save_to_disk(tmp_path, write_jsonl, sft):
+    import pandas as pd
+
+    write_jsonl(tmp_path / "a" / "part1.jsonl", [chat(i) for i in range(3)])
+    write_jsonl(tmp_path / "a" / "part2.jsonl", [chat(i) for i in range(3, 5)])
+    (tmp_path / "b.json").write_text(json.dumps([chat(i) for i in range(5, 8)]))
+    pd.DataFrame([{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)]).to_parquet(tmp_path / "c.parquet")
+    pd.DataFrame([{"instruction": f"do {i}", "input": "", "output": f"done {i}"} for i in range(3)]) \
+        .to_csv(tmp_path / "d.csv", index=False)
+    datasets.Dataset.from_list([{"text": f"plain text {i}"} for i in range(2)]).save_to_disk(str(tmp_path / "e"))
+    srcs = sources({"path": f"'{tmp_path}/a/*.jsonl'"}, {"path": str(tmp_path / "b.json")},
+                   {"path": str(tmp_path / "c.parquet")}, {"path": str(tmp_path / "d.csv")},
+                   {"path": str(tmp_path / "e")})
+    result = sft("prepare", MODEL, srcs, f"run_dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    kept = {name: s["kept"] for name, s in report(tmp_path / "run")["sources"].items()}
+    assert kept == {"all": 5, "b": 3, "c": 4, "d": 3, "e": 2}
+
+
+def test_weights_split_and_determinism(tmp_path, write_jsonl, sft):
+    a = write_jsonl(tmp_path / "chat.jsonl", [chat(i) for i in range(100)])
+    b = write_jsonl(tmp_path / "text.jsonl", [{"text": f"general text number {i}"} for i in range(100)])
+    args = ["prepare", MODEL, sources({"path": str(a), "weight": 0.9}, {"path": str(b), "weight": 0.1}),
+            "data.eval_fraction=0.1"]
+    assert sft(*args, f"run_dir={tmp_path / 'r1'}").returncode == 0
+    assert sft(*args, f"run_dir={tmp_path / 'r2'}").returncode == 0
+    d1 = datasets.load_from_disk(str(tmp_path / "r1/prepared"))
+    d2 = datasets.load_from_disk(str(tmp_path / "r2/prepared"))
+    assert d1["train"]["input_ids"] == d2["train"]["input_ids"] and d1["eval"]["location"] == d2["eval"]["location"]
+    shares = {s: d1["train"]["source"].count(s) / len(d1["train"]) for s in ("chat", "text")}
+    assert shares == pytest.approx({"chat": 0.9, "text": 0.1}, abs=0.01)
+    assert len(d1["eval"]) == 20  # 10% of each source, never repeated into train
+    assert not set(d1["eval"]["location"]) & set(d1["train"]["location"])
+
+
+def test_partial_weights_are_a_config_error(tmp_path, write_jsonl, sft):
+    a = write_jsonl(tmp_path / "a.jsonl", [chat(0)])
+    b = write_jsonl(tmp_path / "b.jsonl", [chat(1)])
+    result = sft("prepare", MODEL, sources({"path": str(a), "weight": 2}, {"path": str(b)}), f"run_dir={tmp_path}")
+    assert result.returncode == 2 and "data.sources[1].weight" in result.stderr
+
+
+def test_no_chat_template_is_a_config_error(tmp_path, write_jsonl, sft):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(0)])
+    result = sft("prepare", "model.name_or_path=builtin:tiny-llama-none", sources({"path": str(data)}),
+                 f"run_dir={tmp_path}")
+    assert result.returncode == 2 and "data.chat_template" in result.stderr and "chatml" in result.stderr
+    ok = sft("prepare", "model.name_or_path=builtin:tiny-llama-none", "data.chat_template=chatml",
+             sources({"path": str(data)}), f"run_dir={tmp_path}")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_builtin_template_adds_its_markers(tmp_path, write_jsonl, sft):
+    from transformers import AutoTokenizer
+
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(0)])
+    result = sft("prepare", "model.name_or_path=builtin:tiny-llama-zephyr", "data.chat_template=chatml",
+                 sources({"path": str(data)}), f"run_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "prepared" / "tokenizer"))
+    assert len(tok.encode("<|im_start|>", add_special_tokens=False)) == 1
+    row = datasets.load_from_disk(str(tmp_path / "prepared"))["train"][0]
+    assert tok.decode([t for t in row["labels"] if t != -100]) == "Answer 0.<|im_end|>"
+
+
+def test_audit_fails_when_no_turn_ends_with_a_special_token(tmp_path, write_jsonl, sft):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                        "{% if add_generation_prompt %}assistant: {% endif %}")
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(0), chat(1)])
+    result = sft("prepare", MODEL, f"data.chat_template={template}", sources({"path": str(data)}),
+                 f"run_dir={tmp_path}")
+    assert result.returncode == 1 and "end-of-turn" in result.stderr
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_show_prints_tokens(tmp_path, write_jsonl, sft):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(i) for i in range(3)])
+    result = sft("prepare", MODEL, sources({"path": str(data)}), f"run_dir={tmp_path}", "show=2")
+    assert result.returncode == 0
+    assert result.stdout.count("trained (green)") == 2 and "<|im_start|>" in result.stdout
+
+
+def test_hub_source_offline_is_one_clear_line(tmp_path, sft):
+    result = sft("prepare", MODEL, sources({"path": "someone/some-dataset"}), f"run_dir={tmp_path}", timeout=120)
+    assert result.returncode == 1
+    assert "local" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_file_is_a_config_error(tmp_path, sft):
+    result = sft("prepare", MODEL, sources({"path": str(tmp_path / "nope.jsonl")}), f"run_dir={tmp_path}")
+    assert result.returncode == 2 and "data.sources[0].path" in result.stderr
