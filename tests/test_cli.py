@@ -86,3 +86,9 @@ def test_python_dash_m_and_console_script_agree(sft):
         pytest.skip("console script not installed next to this python")
     a = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert a.returncode == 0 and "merge-lora" in a.stdout
+
+
+def test_lima_recipe_offline_fails_clearly(sft, tmp_path):
+    result = sft("prepare", "recipe=lima-1k", f"run_dir={tmp_path}", timeout=120)
+    assert result.returncode == 1
+    assert "Offline?" in result.stderr and "Traceback" not in result.stderr

@@ -23,9 +23,45 @@ def asset_path(relative: str) -> str:
     return str(path)
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One quick TCP connect instead of the hub client's minute of retries when offline."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((endpoint, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def go_offline_if_unreachable() -> None:
+    """Switch the hub clients to offline mode when the hub cannot be reached: cached files still
+    load, anything missing fails at once with the client's own offline error."""
+    if hub_reachable():
+        return
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = True
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def resolve_model(name_or_path: str) -> str:
     """Turn a `builtin:` name into a local folder (building it once); pass anything else through."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
+        if not Path(name_or_path).exists():
+            go_offline_if_unreachable()
         return name_or_path
     from sft_cli.errors import ConfigError, SFTError
 

@@ -145,6 +145,9 @@ def load_source(src: SourceConfig, index: int, workdir: Path) -> datasets.Datase
     name = source_name(src, index)
     kind, paths = resolve_files(src, index)
     if kind == "hub":
+        from sft_cli.assets import go_offline_if_unreachable
+
+        go_offline_if_unreachable()
         try:
             ds = datasets.load_dataset(src.path, split=src.hub_split)
         except Exception as exc:  # offline, gated, or a typo: one clear line either way

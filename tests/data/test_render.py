@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from sft_cli.data.formats import RowError
 from sft_cli.data.render import IGNORE_INDEX, Renderer, loss_labels
 from sft_cli.data.templates import special_token_ids
 
