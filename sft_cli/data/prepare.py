@@ -142,60 +142,82 @@ def build(cfg: SFTConfig, tokenizer, fp: str, out: Path) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+class _Columns:
+    """The bookkeeping columns of the processed rows as numpy arrays (no per-row Python objects:
+    1M rows cost ~30 MB here). Strings are fetched only for the rows a message needs."""
+
+    def __init__(self, processed: datasets.Dataset, names: list[str]):
+        import pyarrow.compute as pc
+
+        table = processed.data
+        self.table = table
+        self.reason = table.column("reason")
+        self.ok = pc.equal(self.reason, "").to_numpy(zero_copy_only=False)
+        self.chat = pc.equal(table.column("kind"), "chat").to_numpy(zero_copy_only=False)
+        codes = {name: i for i, name in enumerate(names)}
+        source = pc.dictionary_encode(table.column("source")).combine_chunks()
+        lookup = np.array([codes[n] for n in source.dictionary.to_pylist()], dtype=np.int64)
+        self.source = lookup[source.indices.to_numpy(zero_copy_only=False)]
+        self.hash = table.column("hash").to_numpy()
+        self.tokens = table.column("num_tokens").to_numpy().astype(np.int64)
+        self.loss_tokens = table.column("num_loss_tokens").to_numpy().astype(np.int64)
+        self.last_loss_id = table.column("last_loss_id").to_numpy()
+
+    def strings(self, column: str, rows: np.ndarray) -> list[str]:
+        return self.table.column(column).take(rows).to_pylist()
+
+
 def _select_and_write(cfg, tokenizer, names, raw, processed, tmp: Path) -> dict:
     data = cfg.data
-    table = processed.select_columns(["reason", "hash", "source", "kind", "num_tokens", "num_loss_tokens",
-                                      "last_loss_id", "location", "detail"]).data
-    reason = np.asarray(table.column("reason").to_pylist(), dtype=object)
-    source = np.asarray(table.column("source").to_pylist(), dtype=object)
-    location = table.column("location").to_pylist()
-    detail = table.column("detail").to_pylist()
-
-    if data.on_error.value == "raise" and (reason != "").any():
-        first = int(np.flatnonzero(reason != "")[0])
-        raise SFTError(f"{location[first]}: {reason[first]}" + (f": {detail[first]}" if detail[first] else "")
+    cols = _Columns(processed, names)
+    if data.on_error.value == "raise" and not cols.ok.all():
+        first = np.flatnonzero(~cols.ok)[:1]
+        (where,), (reason,), (detail,) = (cols.strings(c, first) for c in ("location", "reason", "detail"))
+        raise SFTError(f"{where}: {reason}" + (f": {detail}" if detail else "")
                        + "  (data.on_error=raise; use skip to count and report bad rows instead)")
-    if (reason == "no_chat_template").any():
+    if not cols.ok.all() and "no_chat_template" in cols.strings("reason", np.flatnonzero(~cols.ok)):
         raise ConfigError("data.chat_template", "the tokenizer has no chat template and none is set",
                           "set data.chat_template=chatml (or llama3, zephyr, or a path to a .jinja file)")
 
+    # Exact duplicates: keep the first occurrence in source order.
+    kept = cols.ok.copy()
+    duplicate_of = np.full(len(kept), -1, dtype=np.int64)
     if data.dedupe:
-        hashes = table.column("hash").to_numpy()
-        ok = np.flatnonzero(reason == "")
-        _, first_pos = np.unique(hashes[ok], return_index=True)
-        duplicate = np.setdiff1d(ok, ok[first_pos])
-        first_of = dict(zip(hashes[ok[first_pos]].tolist(), ok[first_pos].tolist()))
-        for j in duplicate.tolist():
-            reason[j], detail[j] = "duplicate", f"same example as {location[first_of[int(hashes[j])]]}"
+        ok = np.flatnonzero(cols.ok)
+        _, first_pos, inverse = np.unique(cols.hash[ok], return_index=True, return_inverse=True)
+        original = ok[first_pos][inverse]
+        is_dup = original != ok
+        duplicate_of[ok[is_dup]] = original[is_dup]
+        kept[ok[is_dup]] = False
 
-    kept = reason == ""
     per_source = {}
-    for name, src in zip(names, data.sources):
-        mine = source == name
+    for code, (name, src) in enumerate(zip(names, data.sources)):
+        mine = cols.source == code
         per_source[name] = {"read": int(mine.sum()), "kept": int((mine & kept).sum()),
                             "rejected": int((mine & ~kept).sum()), "split": src.split.value, "weight": src.weight}
+    rejected_by_reason, first_rejected = _write_rejected(tmp / "rejected.jsonl", raw, cols, kept, duplicate_of)
     empty = [n for n, s in per_source.items() if s["kept"] == 0]
-    _write_rejected(tmp / "rejected.jsonl", raw, np.flatnonzero(~kept), reason, detail, location, source)
     if empty:
-        reasons = Counter(reason[(source == empty[0]) & ~kept]).most_common(3)
+        rows = np.flatnonzero((cols.source == names.index(empty[0])) & ~kept)
+        reasons = Counter("duplicate" if duplicate_of[j] >= 0 else r
+                          for j, r in zip(rows.tolist(), cols.strings("reason", rows))).most_common(3)
         raise SFTError(f"source '{empty[0]}' has zero valid rows ({per_source[empty[0]]['read']} read; "
                        f"top reasons: {', '.join(f'{r} x{c}' for r, c in reasons) or 'no rows'})")
-
-    _audit(cfg, tokenizer, table, kept)
+    _audit(tokenizer, cols, kept)
 
     train_parts, eval_parts = {}, {}
-    for salt, (name, src) in enumerate(zip(names, data.sources)):
-        idx = np.flatnonzero((source == name) & kept)
+    for code, (name, src) in enumerate(zip(names, data.sources)):
+        idx = np.flatnonzero((cols.source == code) & kept)
         if src.split.value == "eval":
             train_parts[name], eval_parts[name] = idx[:0], idx
         else:
-            train_parts[name], eval_parts[name] = split_indices(idx, data.eval_fraction, cfg.seed, salt)
+            train_parts[name], eval_parts[name] = split_indices(idx, data.eval_fraction, cfg.seed, code)
     weights = {n: s.weight for n, s in zip(names, data.sources) if s.split.value == "train"}
-    if all(w is not None for w in weights.values()) and weights:
+    if weights and all(w is not None for w in weights.values()):
         counts = mix_counts({n: len(train_parts[n]) for n in weights}, weights)
         train_parts = {n: sample(train_parts[n], counts[n], cfg.seed, i) if n in counts else train_parts[n]
                        for i, n in enumerate(names)}
-    train_idx = np.concatenate(list(train_parts.values())) if train_parts else np.array([], dtype=np.int64)
+    train_idx = np.concatenate(list(train_parts.values()))
     train_idx = train_idx[np.random.default_rng([cfg.seed, 3]).permutation(len(train_idx))]
     eval_idx = np.sort(np.concatenate(list(eval_parts.values())))
 
@@ -205,75 +227,72 @@ def _select_and_write(cfg, tokenizer, names, raw, processed, tmp: Path) -> dict:
         splits["eval"] = final.select(eval_idx)
     datasets.DatasetDict(splits).save_to_disk(str(tmp))
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
-
     for name in names:
         per_source[name]["train"] = int(len(train_parts[name]))
         per_source[name]["eval"] = int(len(eval_parts[name]))
-    return _report(cfg, table, kept, reason, per_source, train_idx, eval_idx, tmp)
 
-
-def _audit(cfg, tokenizer, table, kept) -> None:
-    """Fail the run, not warn, when the template's masks would train nothing useful."""
-    kind = np.asarray(table.column("kind").to_pylist(), dtype=object)
-    chat = kept & (kind == "chat")
-    if not chat.any():
-        return
-    last = table.column("last_loss_id").to_numpy()[chat]
-    closed = np.isin(last, sorted(special_token_ids(tokenizer)))
-    if not closed.any():
-        sample_id = int(last[0])
-        raise SFTError(
-            "audit: the end-of-turn token is never in the loss (every assistant turn ends on "
-            f"{tokenizer.convert_ids_to_tokens(sample_id)!r}, not a special token), so the model would never learn "
-            "to stop. Use a chat template that closes assistant turns with a special token "
-            "(data.chat_template=chatml|llama3|zephyr).")
-
-
-def _write_rejected(path: Path, raw, rows: np.ndarray, reason, detail, location, source) -> None:
-    raw_text = raw.select(rows)["raw"] if len(rows) else []
-    with open(path, "w") as handle:
-        for j, text in zip(rows.tolist(), raw_text):
-            handle.write(json.dumps({"location": location[j], "source": source[j], "reason": reason[j],
-                                     "detail": detail[j], "raw": (text or "")[:2000]}, ensure_ascii=False) + "\n")
-
-
-def _report(cfg, table, kept, reason, per_source, train_idx, eval_idx, tmp: Path) -> dict:
-    tokens = table.column("num_tokens").to_numpy()
-    loss_tokens = table.column("num_loss_tokens").to_numpy()
-    lengths = tokens[kept]
-    rejected = Counter(reason[~kept].tolist())
-    last = table.column("last_loss_id").to_numpy()[kept]
-    kind = np.asarray(table.column("kind").to_pylist(), dtype=object)[kept]
+    lengths = cols.tokens[kept]
     report = {
         "run_dir": str(cfg.run_dir),
-        "read": int(len(reason)),
-        "kept": int(kept.sum()),
-        "rejected": int((~kept).sum()),
-        "rejected_by_reason": dict(rejected.most_common()),
-        "first_rejected": [],
+        "read": int(len(kept)), "kept": int(kept.sum()), "rejected": int((~kept).sum()),
+        "rejected_by_reason": rejected_by_reason, "first_rejected": first_rejected,
         "sources": per_source,
-        "train_examples": int(len(train_idx)),
-        "eval_examples": int(len(eval_idx)),
-        "train_tokens": int(tokens[train_idx].sum()) if len(train_idx) else 0,
-        "train_loss_tokens": int(loss_tokens[train_idx].sum()) if len(train_idx) else 0,
-        "eval_tokens": int(tokens[eval_idx].sum()) if len(eval_idx) else 0,
-        "eval_loss_tokens": int(loss_tokens[eval_idx].sum()) if len(eval_idx) else 0,
-        "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {
-            "max": int(lengths.max()), "min": int(lengths.min())},
-        "length_histogram": _histogram(lengths, cfg.max_seq_len),
+        "train_examples": int(len(train_idx)), "eval_examples": int(len(eval_idx)),
+        "train_tokens": int(cols.tokens[train_idx].sum()),
+        "train_loss_tokens": int(cols.loss_tokens[train_idx].sum()),
+        "eval_tokens": int(cols.tokens[eval_idx].sum()),
+        "eval_loss_tokens": int(cols.loss_tokens[eval_idx].sum()),
+        "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)}
+        | {"max": int(lengths.max()), "min": int(lengths.min())},
+        "length_histogram": _histogram(lengths),
         "max_seq_len": cfg.max_seq_len,
-        "loss_on": cfg.data.loss_on.value,
-        "eot_token_ids": sorted({int(t) for t in last[kind == "chat"].tolist()}),
+        "loss_on": data.loss_on.value,
+        # The tokens that close assistant turns: generation stops on these (see evaluate).
+        "eot_token_ids": sorted(set(cols.last_loss_id[kept & cols.chat].tolist())),
     }
-    with open(tmp / "rejected.jsonl") as handle:
-        for line, _ in zip(handle, range(5)):
-            row = json.loads(line)
-            report["first_rejected"].append({k: row[k] for k in ("location", "reason", "detail")})
     write_json_atomic(tmp / "report.json", report)
     return report
 
 
-def _histogram(lengths: np.ndarray, max_seq_len: int, bins: int = 8) -> list[dict]:
+def _audit(tokenizer, cols: _Columns, kept: np.ndarray) -> None:
+    """Fail the run, not warn, when the template's masks would train nothing useful."""
+    chat = kept & cols.chat
+    if not chat.any():
+        return
+    last = cols.last_loss_id[chat]
+    if not np.isin(last, sorted(special_token_ids(tokenizer))).any():
+        raise SFTError(
+            "audit: the end-of-turn token is never in the loss (every assistant turn ends on "
+            f"{tokenizer.convert_ids_to_tokens(int(last[0]))!r}, not a special token), so the model would never "
+            "learn to stop. Use a chat template that closes assistant turns with a special token "
+            "(data.chat_template=chatml|llama3|zephyr).")
+
+
+def _write_rejected(path: Path, raw, cols: _Columns, kept, duplicate_of, chunk: int = 10_000):
+    """Every rejected row with its reason, location and raw text (cut), streamed in chunks."""
+    counts: Counter = Counter()
+    first: list[dict] = []
+    rows_all = np.flatnonzero(~kept)
+    with open(path, "w") as handle:
+        for lo in range(0, len(rows_all), chunk):
+            rows = rows_all[lo:lo + chunk]
+            reasons, details = cols.strings("reason", rows), cols.strings("detail", rows)
+            locations, sources = cols.strings("location", rows), cols.strings("source", rows)
+            raw_text = raw.data.column("raw").take(rows).to_pylist()
+            for k, j in enumerate(rows.tolist()):
+                reason, detail = reasons[k], details[k]
+                if duplicate_of[j] >= 0:
+                    reason = "duplicate"
+                    detail = f"same example as {cols.strings('location', duplicate_of[j:j + 1])[0]}"
+                counts[reason] += 1
+                record = {"location": locations[k], "source": sources[k], "reason": reason, "detail": detail}
+                if len(first) < 5:
+                    first.append(dict(record))
+                handle.write(json.dumps({**record, "raw": (raw_text[k] or "")[:2000]}, ensure_ascii=False) + "\n")
+    return dict(counts.most_common()), first
+
+
+def _histogram(lengths: np.ndarray, bins: int = 8) -> list[dict]:
     edges = np.linspace(0, max(int(lengths.max()), 1), bins + 1).astype(int)
     counts, _ = np.histogram(lengths, bins=edges)
     return [{"from": int(a), "to": int(b), "count": int(c)} for a, b, c in zip(edges[:-1], edges[1:], counts)]
