@@ -77,3 +77,17 @@ def show_examples(dataset, tokenizer, n: int) -> None:
         out.rule(header)
         out.print(text)
     out.rule()
+
+
+def print_pack_report(report: dict, folder: Path) -> None:
+    table = Table(title=f"sft pack -> {folder}  (strategy {report['strategy']}, max_seq_len {report['max_seq_len']})",
+                  title_justify="left")
+    columns = ("split", "rows", "examples", "real tokens", "efficiency", "examples/row (mean, max)",
+               "loss tokens", "split examples", "dropped")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, s in report["splits"].items():
+        table.add_row(name, f"{s['rows']:,}", f"{s['examples']:,}", f"{s['real_tokens']:,}",
+                      f"{100 * s['efficiency']:.2f}%", f"{s['examples_per_row_mean']:.2f}, {s['examples_per_row_max']}",
+                      f"{s['loss_tokens']:,}", f"{s['examples_split']:,}", f"{s['examples_dropped']:,}")
+    out.print(table)

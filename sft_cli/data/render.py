@@ -172,6 +172,9 @@ class Renderer:
                                  return_attention_mask=False)
         for j, ids, offsets, example_spans in zip(rows, encoded["input_ids"], encoded["offset_mapping"], spans):
             labels = loss_labels(ids, offsets, example_spans)
+            # Position 0 is never a target: nothing precedes it. Counting it would make the loss-token
+            # count (and so the loss normalisation) differ from what training can actually predict.
+            labels[0] = IGNORE_INDEX
             if len(ids) > self.max_seq_len:
                 if self.overlong == "drop":
                     out["reason"][j], out["detail"][j] = "overlong", f"{len(ids)} tokens > max_seq_len {self.max_seq_len}"

@@ -63,7 +63,7 @@ def test_last_assistant_and_all(tiny_tokenizer, family):
     reply = CONVERSATION[-1]["content"]
     assert trained_text(tok, last) == (reply.strip() if family == "llama3" else reply) + END_OF_TURN[family]
     everything = encode(tok, {"messages": CONVERSATION}, loss_on="all")
-    assert everything["labels"] == everything["input_ids"]
+    assert everything["labels"] == [IGNORE_INDEX] + everything["input_ids"][1:]  # position 0 is never a target
 
 
 @pytest.mark.parametrize("family", ["chatml", "llama3", "zephyr"])
@@ -92,11 +92,11 @@ def test_bos_never_doubled(tiny_tokenizer):
 def test_text_and_prompt_completion(tiny_tokenizer):
     tok = tiny_tokenizer("chatml")
     text = encode(tok, {"text": "The whole text trains."})
-    assert text["labels"] == text["input_ids"] and text["input_ids"][-1] == tok.eos_token_id
+    assert text["labels"] == [IGNORE_INDEX] + text["input_ids"][1:] and text["input_ids"][-1] == tok.eos_token_id
     pc = encode(tok, {"prompt": "def add(a, b):\n", "completion": "    return a + b\n"})
     assert trained_text(tok, pc) == "    return a + b\n" + tok.eos_token
     pc_all = encode(tok, {"prompt": "x", "completion": "y"}, loss_on="all")
-    assert pc_all["labels"] == pc_all["input_ids"]
+    assert pc_all["labels"] == [IGNORE_INDEX] + pc_all["input_ids"][1:]
 
 
 def test_conversational_prompt_completion_trains_only_completion(tiny_tokenizer):

@@ -1,0 +1,155 @@
+"""`sft pack`: prepared examples -> packed rows of at most `max_seq_len` tokens.
+
+Reads `run_dir/prepared` (running prepare first when it is missing or stale) and
+writes `run_dir/packed/` atomically: a DatasetDict (train, and eval when present)
+whose rows carry
+
+    input_ids, labels      the examples' tokens back to back (labels -100 at every example start)
+    position_ids           restarting at 0 for every example (see packing.py for the picture)
+    seq_lens               the examples' lengths, in order; they sum to the row's length
+    example_ids            which prepared examples the row holds (rows of `wrapped` may hold pieces)
+
+plus `report.json` (efficiency and counts) and `manifest.json` (written last).
+
+    sft pack recipe=demo pack.strategy=bfd
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+
+from sft_cli import console as ui
+from sft_cli.artifacts import (
+    atomic_dir,
+    fingerprint,
+    is_complete,
+    read_manifest,
+    write_json_atomic,
+    write_manifest,
+)
+from sft_cli.config import SFTConfig
+from sft_cli.data.packing import IGNORE_INDEX, bfd_bins, position_ids, wrapped_rows
+from sft_cli.errors import ConfigError
+
+PACK_VERSION = 1
+STRATEGIES = ("bfd", "wrapped", "none")
+ROWS_PER_CHUNK = 4096  # rows assembled at once: bounds memory at ~4096 * max_seq_len tokens
+
+
+def ensure_prepared(cfg: SFTConfig) -> Path:
+    """prepared/ for this config, building or refreshing it (prepare reuses its cache)."""
+    from sft_cli.data import prepare
+
+    prepare.run(cfg)
+    return Path(cfg.run_dir) / "prepared"
+
+
+def run(cfg: SFTConfig) -> int:
+    ensure_packed(cfg)
+    return 0
+
+
+def ensure_packed(cfg: SFTConfig) -> Path:
+    if cfg.pack.strategy not in STRATEGIES:
+        raise ConfigError("pack.strategy", f"unknown strategy '{cfg.pack.strategy}'", f"use one of {STRATEGIES}")
+    prepared = ensure_prepared(cfg)
+    out = Path(cfg.run_dir) / "packed"
+    fp = fingerprint(PACK_VERSION, read_manifest(prepared)["fingerprint"], cfg.pack.strategy, cfg.max_seq_len,
+                     cfg.seed)
+    if is_complete(out, fp):
+        ui.err.print(f"[green]packed/ is up to date[/] (fingerprint {fp}): reusing {out}")
+        report = json.loads((out / "report.json").read_text())
+    else:
+        splits = datasets.load_from_disk(str(prepared))
+        with atomic_dir(out) as tmp:
+            report = {"strategy": cfg.pack.strategy, "max_seq_len": cfg.max_seq_len, "splits": {}}
+            packed = {}
+            for name, split in splits.items():
+                rows = plan_rows(split["num_tokens"], cfg.pack.strategy, cfg.max_seq_len, cfg.seed)
+                packed[name], report["splits"][name] = _write_split(split, rows, cfg.max_seq_len,
+                                                                    tmp / f".{name}.arrow")
+            datasets.DatasetDict(packed).save_to_disk(str(tmp))
+            for name in packed:
+                (tmp / f".{name}.arrow").unlink()
+            write_json_atomic(tmp / "report.json", report)
+            write_manifest(tmp, fp, {"stage": "pack", "strategy": cfg.pack.strategy})
+    ui.print_pack_report(report, out)
+    return out
+
+
+def plan_rows(lengths, strategy: str, max_seq_len: int, seed: int) -> list[list[tuple[int, int, int]]]:
+    """Rows as lists of (example, start, stop) pieces; whole examples except under `wrapped`."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if strategy == "wrapped":
+        return wrapped_rows(lengths, max_seq_len)
+    if strategy == "none":
+        return [[(i, 0, int(n))] for i, n in enumerate(lengths.tolist())]
+    bins = bfd_bins(lengths, max_seq_len)
+    # BFD emits rows longest-first; shuffle whole rows (never their contents) so batches mix lengths.
+    order = np.random.default_rng([seed, 4]).permutation(len(bins))
+    return [[(i, 0, int(lengths[i])) for i in bins[b]] for b in order.tolist()]
+
+
+def _list_values(dataset: datasets.Dataset, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, flat values) of a list column, without Python objects per token."""
+    array = dataset.data.column(column).combine_chunks()
+    return array.offsets.to_numpy().astype(np.int64), array.values.to_numpy()
+
+
+def _write_split(split: datasets.Dataset, rows, max_seq_len: int, path: Path) -> tuple[datasets.Dataset, dict]:
+    offsets, ids = _list_values(split, "input_ids")
+    _, labels = _list_values(split, "labels")
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                        ("position_ids", pa.list_(pa.int32())), ("seq_lens", pa.list_(pa.int32())),
+                        ("example_ids", pa.list_(pa.int64()))])
+    real_tokens = loss_tokens = split_examples = max_per_row = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for lo in range(0, len(rows), ROWS_PER_CHUNK):
+            chunk = rows[lo:lo + ROWS_PER_CHUNK]
+            pieces = np.array([p for row in chunk for p in row], dtype=np.int64).reshape(-1, 3)
+            example, start, stop = pieces[:, 0], pieces[:, 1], pieces[:, 2]
+            seq_lens = stop - start
+            # Gather every piece's tokens in one vectorised take.
+            piece_begin = offsets[example] + start
+            flat = np.repeat(piece_begin - (np.cumsum(seq_lens) - seq_lens), seq_lens) + np.arange(seq_lens.sum())
+            row_ids, row_labels = ids[flat], labels[flat].copy()
+            # Piece starts never carry a label (see packing.mask_example_starts): done in bulk here.
+            row_labels[np.cumsum(seq_lens) - seq_lens] = IGNORE_INDEX
+            pieces_per_row = np.array([len(row) for row in chunk], dtype=np.int64)
+            row_token_offsets = np.concatenate([[0], np.cumsum(np.add.reduceat(seq_lens, np.r_[0, np.cumsum(
+                pieces_per_row)[:-1]]))])
+            piece_offsets = np.concatenate([[0], np.cumsum(pieces_per_row)])
+
+            def lists(values, offs, kind):
+                return pa.ListArray.from_arrays(pa.array(offs, pa.int32()), pa.array(values, kind))
+
+            writer.write_table(pa.table({
+                "input_ids": lists(row_ids, row_token_offsets, pa.int32()),
+                "labels": lists(row_labels, row_token_offsets, pa.int32()),
+                "position_ids": lists(position_ids(seq_lens), row_token_offsets, pa.int32()),
+                "seq_lens": lists(seq_lens, piece_offsets, pa.int32()),
+                "example_ids": lists(example, piece_offsets, pa.int64()),
+            }, schema=schema))
+            real_tokens += int(seq_lens.sum())
+            loss_tokens += int((row_labels != IGNORE_INDEX).sum())
+            split_examples += int((start > 0).sum())
+            max_per_row = max(max_per_row, int(pieces_per_row.max(initial=0)))
+    dataset = datasets.Dataset.from_file(str(path))
+    n_rows = len(rows)
+    report = {
+        "rows": n_rows,
+        "examples": len(split),
+        "real_tokens": real_tokens,
+        "loss_tokens": loss_tokens,
+        "efficiency": real_tokens / max(n_rows * max_seq_len, 1),
+        "examples_per_row_mean": sum(len(r) for r in rows) / max(n_rows, 1),
+        "examples_per_row_max": max_per_row,
+        "examples_split": split_examples,
+        "examples_dropped": 0,  # prepare already dropped or cut everything longer than max_seq_len
+    }
+    return dataset, report
