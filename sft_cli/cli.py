@@ -142,6 +142,10 @@ def _run_verb(verb: str, cfg_node) -> int:
             cfg: SFTConfig = OmegaConf.to_object(cfg_node)
         except OmegaConfBaseException as exc:
             raise _config_error_from_omegaconf(exc) from None
+        import datasets
+
+        # tqdm bars off: long `datasets` work shows rich bars instead (console.datasets_progress).
+        datasets.disable_progress_bars()
         module = importlib.import_module(VERBS[verb][0])
         return int(module.run(cfg) or 0)
     except ConfigError as exc:

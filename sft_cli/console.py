@@ -91,3 +91,64 @@ def print_pack_report(report: dict, folder: Path) -> None:
                       f"{100 * s['efficiency']:.2f}%", f"{s['examples_per_row_mean']:.2f}, {s['examples_per_row_max']}",
                       f"{s['loss_tokens']:,}", f"{s['examples_split']:,}", f"{s['examples_dropped']:,}")
     out.print(table)
+
+
+class _RichBar:
+    """The slice of tqdm's interface that `datasets` uses, drawn as one line of a rich Progress.
+
+    Installed by `datasets_progress()`: `datasets.map` keeps its multi-process progress
+    accounting, and the user sees rich bars instead of tqdm's.
+    """
+
+    progress = None
+
+    def __init__(self, *args, total=None, desc=None, initial=0, disable=False, **kwargs):
+        self.n, self.desc = initial or 0, desc or ""
+        self.task = None
+        if not disable and self.progress is not None and "Saving" not in self.desc:
+            self.task = self.progress.add_task(self.desc, total=total, completed=self.n)
+
+    def update(self, n=1):
+        self.n += n or 0
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.n)
+
+    def set_description(self, desc=None, refresh=True):
+        self.desc = desc or ""
+
+    def refresh(self):
+        pass
+
+    def close(self):
+        if self.task is not None:
+            self.progress.update(self.task, visible=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def datasets_progress():
+    """Context manager: `datasets.map` inside shows rich progress bars (saving stays quiet)."""
+    import contextlib
+
+    import datasets.arrow_dataset
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    @contextlib.contextmanager
+    def manager():
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), console=err, transient=False)
+        saved = datasets.arrow_dataset.hf_tqdm
+        _RichBar.progress = progress
+        datasets.arrow_dataset.hf_tqdm = _RichBar
+        try:
+            with progress:
+                yield progress
+        finally:
+            datasets.arrow_dataset.hf_tqdm = saved
+            _RichBar.progress = None
+
+    return manager()

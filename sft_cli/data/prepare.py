@@ -119,27 +119,33 @@ def load_prepared_tokenizer(prepared: Path):
 
 
 def build(cfg: SFTConfig, tokenizer, fp: str, out: Path) -> dict:
-    data = cfg.data
-    names = [source_name(s, i) for i, s in enumerate(data.sources)]
+    names = [source_name(s, i) for i, s in enumerate(cfg.data.sources)]
     work = Path(cfg.run_dir) / ".work"
     shutil.rmtree(work, ignore_errors=True)
     try:
-        raw = datasets.concatenate_datasets(
-            [load_source(src, i, work) for i, src in enumerate(data.sources)])
-        renderer = Renderer(
-            tokenizer, data.loss_on.value, cfg.max_seq_len, data.overlong.value,
-            formats={n: s.format.value for n, s in zip(names, data.sources)},
-            columns={n: dict(s.columns) for n, s in zip(names, data.sources)},
-            special_ids=special_token_ids(tokenizer))
-        processed = raw.map(renderer, batched=True, batch_size=512, remove_columns=raw.column_names,
-                            features=FEATURES, num_proc=default_num_proc(len(raw), data.num_proc),
-                            cache_file_name=str(work / "processed.arrow"), desc="templating + tokenizing")
+        raw, processed = _tokenize(cfg, tokenizer, names, work)
         with atomic_dir(out) as tmp:
             report = _select_and_write(cfg, tokenizer, names, raw, processed, tmp)
             write_manifest(tmp, fp, {"stage": "prepare", "rows": report["kept"], "eot_token_ids": report["eot_token_ids"]})
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _tokenize(cfg: SFTConfig, tokenizer, names: list[str], work: Path):
+    """Raw rows of every source -> one processed row each (tokens + labels, or a rejection)."""
+    data = cfg.data
+    raw = datasets.concatenate_datasets([load_source(src, i, work) for i, src in enumerate(data.sources)])
+    renderer = Renderer(
+        tokenizer, data.loss_on.value, cfg.max_seq_len, data.overlong.value,
+        formats={n: s.format.value for n, s in zip(names, data.sources)},
+        columns={n: dict(s.columns) for n, s in zip(names, data.sources)},
+        special_ids=special_token_ids(tokenizer))
+    with ui.datasets_progress():
+        processed = raw.map(renderer, batched=True, batch_size=512, remove_columns=raw.column_names,
+                            features=FEATURES, num_proc=default_num_proc(len(raw), data.num_proc),
+                            cache_file_name=str(work / "processed.arrow"), desc="templating + tokenizing")
+    return raw, processed
 
 
 class _Columns:

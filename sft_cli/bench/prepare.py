@@ -1,0 +1,444 @@
+"""Benchmark: `sft prepare` against TRL's SFTTrainer dataset preparation, same data, same tokenizer.
+
+Generates N seeded synthetic conversations (OpenAI `messages` JSONL: mostly one turn, some two
+or three, some with a system prompt; replies of lognormal length), then runs each side in a
+fresh subprocess with cold caches, once with 1 worker process and once with 2:
+
+    ours  python -m sft_cli prepare model.name_or_path=... data.sources=[{path: FILE}] max_seq_len=2048
+          data.dedupe=true data.num_proc=N   (wall time; and wall minus the CLI's startup, a `--cfg job` call)
+    trl   datasets.load_dataset("json") + SFTTrainer._prepare_dataset, SFTConfig(max_length=2048,
+          packing=False, dataset_num_proc=N)   (wall time; and the tokenizer + load + prepare work alone)
+
+TRL runs twice per worker count: with its default loss (the whole conversation, no mask to
+compute) and with assistant_only_loss=True on a copy of the same chat template with
+`{% generation %}` markers added (TRL needs them; the stock template renders the same text).
+Throughput, token counts, peak memory and the speed ratio go into the "## prepare" section of
+BENCHMARKS.md and a table on the terminal.
+
+    python -m sft_cli.bench.prepare            # 100,000 rows, several minutes on 2 cores (make bench-prepare)
+    python -m sft_cli.bench.prepare --quick    # 10,000 rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+MAX_SEQ_LEN = 2048
+SEED = 0
+PREFERRED_MODEL, FALLBACK_MODEL = "builtin:smollm2-135m-instruct", "builtin:tiny-llama-chatml"
+# Frequent words first: they are drawn with Zipf weights, so text has the repetition of real English.
+WORDS = np.array("""
+the of and to a in is it you that he was for on are with as I his they be at one have this from or had by
+not word but what some we can out other were all there when up use your how said an each she which do their
+time if will way about many then them write would like so these her long make thing see him two has look
+more day could go come did number sound no most people my over know water than call first who may down side
+been now find any new work part take get place made live where after back little only round man year came
+show every good me give our under name very through just form sentence great think say help low line differ
+turn cause much mean before move right boy old too same tell does set three want air well also play small end
+put home read hand port large spell add even land here must big high such follow act why ask men change went
+light kind off need house picture try us again animal point mother world near build self earth father head
+stand own page should country found answer school grow study still learn plant cover food sun four between
+state keep eye never last let thought city tree cross farm hard start might story saw far sea draw left late
+run while press close night real life few north open seem together next white children begin got walk example
+ease paper group always music those both mark often letter until mile river car feet care second book carry
+took science eat room friend began idea fish mountain stop once base hear horse cut sure watch color face wood
+main enough plain girl usual young ready above ever red list though feel talk bird soon body dog family direct
+leave song measure door product black short numeral class wind question happen complete ship area half rock
+order fire south problem piece told knew pass since top whole king space heard best hour better true during
+hundred five remember step early hold west ground interest reach fast verb sing listen six table travel less
+morning ten simple several vowel toward war lay against pattern slow center love person money serve appear
+road map rain rule govern pull cold notice voice unit power town fine certain fly fall lead cry dark machine
+note wait plan figure star box noun field rest correct able pound done beauty drive stood contain front teach
+week final gave green quick develop ocean warm free minute strong special mind behind clear tail produce fact
+street inch multiply nothing course stay wheel full force blue object decide surface deep moon island foot
+system busy test record boat common gold possible plane stead dry wonder laugh thousand ago ran check game
+shape equate miss brought heat snow tire bring distant fill east paint language among grand ball yet wave
+drop heart present heavy dance engine position arm wide sail material size vary settle speak weight general
+ice matter circle pair include divide syllable felt perhaps pick sudden count square reason length represent
+art subject region energy hunt probable bed brother egg ride cell believe fraction forest sit race window store
+summer train sleep prove lone exercise wall catch mount wish sky board joy winter written wild instrument kept
+glass grass cow job edge sign visit past soft fun bright gas weather month million bear finish happy hope
+flower clothe strange gone jump baby eight village meet root buy raise solve metal whether push seven
+paragraph third shall held hair describe cook floor either result burn hill safe cat century consider type
+law bit coast copy phrase silent tall sand soil roll temperature finger industry value fight lie beat excite
+natural view sense ear else quite broke case middle kill son lake moment scale loud spring observe child
+straight consonant nation dictionary milk speed method organ pay age section dress cloud surprise quiet stone
+tiny climb cool design poor lot experiment bottom key iron single stick flat twenty skin smile crease hole
+trade melody trip office receive row mouth exact symbol die least trouble shout except wrote seed tone join
+suggest clean break lady yard rise bad blow oil blood touch grew cent mix team wire cost lost brown wear garden
+equal sent choose fell fit flow fair bank collect save control decimal gentle woman captain practice separate
+difficult doctor please protect noon whose locate ring character insect caught period indicate radio spoke
+atom human history effect electric expect crop modern element hit student corner party supply bone rail
+imagine provide agree thus capital chair danger fruit rich thick soldier process operate guess necessary sharp
+wing create neighbor wash bat rather crowd corn compare poem string bell depend meat rub tube famous dollar
+stream fear sight thin triangle planet hurry chief colony clock mine tie enter major fresh search send yellow
+gun allow print dead spot desert suit current lift rose continue block chart hat sell success company subtract
+event particular deal swim term opposite wife shoe shoulder spread arrange camp invent cotton born determine
+quart nine truck noise level chance gather shop stretch throw shine property column molecule select wrong gray
+repeat require broad prepare salt nose plural anger claim continent oxygen sugar death pretty skill women
+season solution magnet silver thank branch match suffix especially fig afraid huge sister steel discuss forward
+similar guide experience score apple bought led pitch coat mass card band rope slip win dream evening condition
+feed tool total basic smell valley nor double seat arrive master track parent shore division sheet substance
+favor connect post spend chord fat glad original share station dad bread charge proper bar offer segment slave
+duck instant market degree populate chick dear enemy reply drink occur support speech nature range steam motion
+path liquid log meant quotient teeth shell neck 2 3 10 12 42 100 2024
+""".split(), dtype=object)
+ZIPF = 1.0 / np.arange(1, len(WORDS) + 1) ** 1.05
+ZIPF /= ZIPF.sum()
+SYSTEM_PROMPTS = [
+    "You are a helpful assistant.",
+    "You are a concise assistant. Answer in plain English and keep it short.",
+    "You are a patient teacher who explains every step of the reasoning.",
+    "You are an expert travel guide. Be friendly and specific.",
+]
+
+
+# -- data -----------------------------------------------------------------------------------------
+def _text(rng: np.random.Generator, n_words: int) -> str:
+    words = WORDS[rng.choice(len(WORDS), n_words, p=ZIPF)].tolist()
+    sentences, i = [], 0
+    while i < n_words:
+        k = int(rng.integers(6, 22))
+        sentence = " ".join(words[i:i + k])
+        sentences.append(sentence[0].upper() + sentence[1:] + (". " if rng.random() < 0.85 else "? "))
+        i += k
+    return "".join(sentences).strip()
+
+
+def generate(path: Path, rows: int, seed: int = SEED) -> None:
+    """`rows` conversations: 75% one turn, 18% two, 7% three; 20% with a system prompt; user prompts
+    ~20 words, replies lognormal around 150 words, capped so every row fits max_seq_len."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as handle:
+        for _ in range(rows):
+            turns = int(rng.choice([1, 2, 3], p=[0.75, 0.18, 0.07]))
+            messages = []
+            if rng.random() < 0.2:
+                system = SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))]
+                messages.append({"role": "system", "content": system})
+            for _ in range(turns):
+                prompt_words = int(np.clip(rng.lognormal(np.log(20), 0.6), 4, 80))
+                # ~1,100 words of replies per row stay under 2,048 tokens with a 49k BPE vocab.
+                reply_words = int(np.clip(rng.lognormal(np.log(150), 0.7), 5, 1100 // turns))
+                messages += [{"role": "user", "content": _text(rng, prompt_words)},
+                             {"role": "assistant", "content": _text(rng, reply_words)}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+
+
+# -- tokenizer ------------------------------------------------------------------------------------
+def pick_model() -> tuple[str, str, str]:
+    """(builtin name, its folder, a note): SmolLM2's real 49k-token tokenizer, else the tiny one."""
+    import importlib.util
+
+    from sft_cli.assets import resolve_model
+
+    try:
+        if importlib.util.find_spec("sft_cli.assets.smollm2") is None:
+            raise ImportError("sft_cli.assets.smollm2 is missing")
+        return PREFERRED_MODEL, resolve_model(PREFERRED_MODEL), ""
+    except Exception as exc:  # the package or module is absent: still benchmark, but say so loudly
+        note = (f"SmolLM2 tokenizer unavailable ({type(exc).__name__}: {str(exc)[:120]}); fell back to "
+                f"{FALLBACK_MODEL} (512-token BPE: ~3x more tokens per word than a real tokenizer).")
+        return FALLBACK_MODEL, resolve_model(FALLBACK_MODEL), note
+
+
+def marked_template(tokenizer, conversations: list[list[dict]]) -> str | None:
+    """The tokenizer's ChatML template with `{% generation %}` around each reply + `<|im_end|>` (what
+    both sides then train on), or None when the copy does not render these conversations identically."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "zq"}], tokenize=False)
+    prefix = text[:text.find("<|im_start|>user")]  # a default system prompt the template inserts
+    marked = (
+        "{%- for message in messages -%}"
+        "{%- if loop.first and message['role'] != 'system' -%}{{- " + json.dumps(prefix) + " -}}{%- endif -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{{- '<|im_start|>assistant\\n' -}}{% generation %}{{- message['content'] + '<|im_end|>' -}}"
+        "{% endgeneration %}{{- '\\n' -}}"
+        "{%- else -%}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+    for messages in conversations:
+        for gen, msgs in ((False, messages), (True, messages[:-1])):
+            render = [tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=t)
+                      for t in (None, marked)]
+            if render[0] != render[1]:
+                return None
+    return marked
+
+
+# -- measurement ----------------------------------------------------------------------------------
+def measure(cmd: list[str], env: dict, cwd: Path, log: Path) -> dict:
+    """Run `cmd`; wall seconds from spawn to exit, the largest process's peak RSS (wait4, exact) and
+    the peak RSS summed over the process tree (workers included; psutil, sampled every 50 ms)."""
+    import psutil
+
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    peak_tree, done = [0], threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not done.wait(0.05):
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak_tree[0] = max(peak_tree[0], sum(p.memory_info().rss for p in tree))
+            except psutil.Error:  # a worker exited between listing and reading
+                pass
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)  # wait4, not Popen.wait: it also returns the child's rusage
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark command failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                         + log.read_text()[-3000:])
+    return {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024, "tree_rss_mb": peak_tree[0] / 2**20}
+
+
+def _env(cache: Path) -> dict:
+    # A fresh datasets cache per run: nothing from an earlier run can be reused. One tokenizer thread:
+    # num_proc is then the number of cores each side uses.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "HF_DATASETS_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+
+
+def _ours_cmd(model: str, data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sft_cli", "prepare", *extra, f"model.name_or_path={model}",
+            f"data.sources=[{{path: {data}}}]", f"run_dir={run_dir}", f"max_seq_len={MAX_SEQ_LEN}",
+            "data.dedupe=true"]
+
+
+def ours_startup(model: str, data: Path, tmp: Path) -> float:
+    """The CLI's fixed cost (interpreter, Hydra, config composition): best of three `--cfg job` calls."""
+    return min(measure(_ours_cmd(model, data, tmp / "startup", "--cfg", "job"), _env(tmp / "cache-startup"),
+                       tmp, tmp / "startup.log")["wall_s"] for _ in range(3))
+
+
+def run_ours(model: str, data: Path, num_proc: int, tmp: Path, startup: float) -> dict:
+    run_dir = tmp / f"ours-{num_proc}"  # fresh: prepare's output cache is cold
+    result = measure(_ours_cmd(model, data, run_dir, f"data.num_proc={num_proc}"), _env(tmp / f"cache-ours-{num_proc}"),
+                     tmp, tmp / f"ours-{num_proc}.log")
+    report = json.loads((run_dir / "prepared" / "report.json").read_text())
+    shutil.rmtree(run_dir)
+    return {**result, "work_s": result["wall_s"] - startup, "examples": report["kept"],
+            "rejected": report["rejected"], "tokens": report["train_tokens"] + report["eval_tokens"]}
+
+
+def run_trl(tokenizer_dir: str, model_dir: str, data: Path, num_proc: int, template: Path | None,
+            tmp: Path) -> dict:
+    name = f"trl-{'assistant' if template else 'all'}-{num_proc}"
+    cmd = [sys.executable, "-m", "sft_cli.bench.prepare", "--trl-worker", json.dumps({
+        "data": str(data), "tokenizer": tokenizer_dir, "model": model_dir, "num_proc": num_proc,
+        "template": str(template) if template else None, "output_dir": str(tmp / name)})]
+    log = tmp / f"{name}.log"
+    result = measure(cmd, _env(tmp / f"cache-{name}"), tmp, log)
+    line = next(x for x in reversed(log.read_text().splitlines()) if x.startswith("{"))
+    return {**result, **json.loads(line)}
+
+
+def trl_worker(spec: dict) -> None:
+    """In a subprocess: TRL's own preparation of `messages` data, as SFTTrainer does it in __init__.
+
+    The trainer is built first on a one-row placeholder with preparation skipped, then
+    `_prepare_dataset` (the method __init__ calls) runs on the real data: so model loading and
+    trainer setup stay outside the timed work, and every setting is TRL's own."""
+    import datasets
+    import pyarrow.compute as pc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    if spec["template"]:
+        tokenizer.chat_template = Path(spec["template"]).read_text()
+    tokenizer_s = time.perf_counter() - start
+
+    args = SFTConfig(output_dir=spec["output_dir"], max_length=MAX_SEQ_LEN, packing=False,
+                     assistant_only_loss=bool(spec["template"]), dataset_num_proc=spec["num_proc"],
+                     report_to="none", dataset_kwargs={"skip_prepare_dataset": True},
+                     bf16=False)  # TRL defaults to bf16, which a CPU-only machine rejects; prep ignores it
+    placeholder = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Hi"},
+                                                            {"role": "assistant", "content": "Hello"}]}])
+    # The tiny model: only its config is touched, and its few KB keep model weights out of the peak RSS.
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(spec["model"]), args=args,
+                         train_dataset=placeholder, processing_class=tokenizer)
+
+    start = time.perf_counter()
+    dataset = datasets.load_dataset("json", data_files=spec["data"], split="train")
+    rows = len(dataset)
+    dataset = trainer._prepare_dataset(dataset, tokenizer, args, args.packing, None, "train")
+    work = tokenizer_s + time.perf_counter() - start
+    tokens = pc.sum(pc.list_value_length(dataset.data.column("input_ids"))).as_py()
+    print(json.dumps({"work_s": work, "rows": rows, "examples": len(dataset), "tokens": tokens}))
+
+
+# -- report ---------------------------------------------------------------------------------------
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "datasets", "tokenizers", "trl"))
+    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {versions}; "
+            f"{datetime.date.today().isoformat()}")
+
+
+def rows_of(results: list[dict], rows: int) -> list[list[str]]:
+    table = []
+    for r in results:
+        table.append([r["side"], str(r["num_proc"]), r["loss"], f"{r['wall_s']:.1f}", f"{r['work_s']:.1f}",
+                      f"{rows / r['work_s']:,.0f}", f"{r['tokens'] / r['work_s']:,.0f}",
+                      f"{rows / r['wall_s']:,.0f}", f"{r['examples']:,}", f"{r['tokens']:,}",
+                      f"{r['rss_mb']:,.0f}", f"{r['tree_rss_mb']:,.0f}"])
+    return table
+
+
+HEADER = ["side", "num_proc", "loss on", "wall s", "work s", "examples/s (work)", "tokens/s (work)",
+          "examples/s (wall)", "examples out", "tokens out", "peak RSS MB (largest process)",
+          "peak RSS MB (process tree)"]
+
+
+def ratios(results: list[dict]) -> list[list[str]]:
+    """ours/TRL examples per second, on work time and on wall time, per worker count and TRL variant."""
+    out = []
+    for ours in (r for r in results if r["side"] == "sft prepare"):
+        for trl in (r for r in results if r["side"] == "trl" and r["num_proc"] == ours["num_proc"]):
+            out.append([str(ours["num_proc"]), f"TRL, loss on {trl['loss']}",
+                        f"{trl['work_s'] / ours['work_s']:.2f}x", f"{trl['wall_s'] / ours['wall_s']:.2f}x"])
+    return out
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace the "## prepare" section of BENCHMARKS.md (up to the next "## "), keeping the others."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "## prepare"), None)
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        text = "\n".join(lines[:start] + body.rstrip("\n").splitlines() + ([""] + lines[end:] if end < len(lines) else []))
+        text += "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sft_cli.bench.prepare", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--quick", action="store_true", help="10,000 rows")
+    parser.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: one TRL run, JSON spec
+    args = parser.parse_args(argv)
+    if args.trl_worker:
+        return trl_worker(json.loads(args.trl_worker))
+    rows = 10_000 if args.quick else args.rows
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from rich.console import Console
+    from rich.table import Table
+    from transformers import AutoTokenizer
+
+    from sft_cli.assets import resolve_model
+
+    console = Console()
+    model, model_dir, note = pick_model()
+    if note:
+        console.print(f"[yellow]{note}[/]")
+    tiny_dir = resolve_model(FALLBACK_MODEL)
+    tmp = Path(tempfile.mkdtemp(prefix="sft-bench-prepare-"))
+    try:
+        data = tmp / "chats.jsonl"
+        console.print(f"generating {rows:,} conversations -> {data}")
+        generate(data, rows)
+        with open(data) as handle:
+            sample = [json.loads(next(handle))["messages"] for _ in range(min(rows, 500))]
+        marked = marked_template(AutoTokenizer.from_pretrained(model_dir), sample)
+        template = None
+        if marked is None:
+            note += " TRL's assistant_only_loss variant skipped: could not add {% generation %} markers to this template."
+        else:
+            template = tmp / "marked.jinja"
+            template.write_text(marked)
+
+        startup = ours_startup(model, data, tmp)
+        console.print(f"sft CLI startup (`--cfg job`): {startup:.2f} s")
+        results = []
+        for num_proc in (1, 2):
+            runs = [("sft prepare", "assistant", lambda: run_ours(model, data, num_proc, tmp, startup)),
+                    ("trl", "all", lambda: run_trl(model_dir, tiny_dir, data, num_proc, None, tmp))]
+            if template:
+                runs.append(("trl", "assistant", lambda: run_trl(model_dir, tiny_dir, data, num_proc, template, tmp)))
+            for side, loss, run in runs:
+                console.print(f"running {side} (loss on {loss}) num_proc={num_proc} ...")
+                results.append({"side": side, "loss": loss, "num_proc": num_proc, **run()})
+                console.print(f"  {results[-1]['wall_s']:.1f} s wall")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    table_rows = rows_of(results, rows)
+    ratio_header = ["num_proc", "vs", "ours/TRL (work)", "ours/TRL (wall)"]
+    ratio_rows = ratios(results)
+    for title, header, body in (("sft prepare vs TRL", HEADER, table_rows), ("speed ratio", ratio_header, ratio_rows)):
+        table = Table(title=f"{title} ({rows:,} conversations)")
+        for column in header:
+            table.add_column(column, justify="left" if column in ("side", "loss on", "vs") else "right")
+        for row in body:
+            table.add_row(*row)
+        console.print(table)
+
+    command = "python -m sft_cli.bench.prepare" + (" --quick" if args.quick else f" --rows {rows}" if rows != 100_000 else "")
+    section = f"""## prepare
+
+`sft prepare` against TRL's `SFTTrainer` dataset preparation (`_prepare_dataset`, what its `__init__` runs) on
+{rows:,} synthetic conversations (seeded: 75% one turn, 18% two, 7% three; 20% with a system prompt;
+replies ~150 words, lognormal), tokenizer `{model}`, max_seq_len {MAX_SEQ_LEN}, no packing.
+Each run is a fresh subprocess with a cold cache; one tokenizer thread (`TOKENIZERS_PARALLELISM=false`),
+so num_proc is the number of cores used.
+
+- **wall**: process start to exit, imports included. **work**: ours = wall minus the CLI's startup
+  (a `--cfg job` call, {startup:.2f} s; `datasets`/`transformers` imports stay in); TRL = tokenizer load +
+  `load_dataset("json")` + `_prepare_dataset` (imports, model load and trainer setup left out).
+- Examples/s count input rows. Tokens = the `input_ids` each side produced.
+- Ours also validates rows, dedupes, computes loss masks on assistant turns, shuffles and writes
+  `prepared/` (+ report, rejected rows) to disk. "TRL, loss on all" is its default for `messages` data:
+  no mask at all. "TRL, loss on assistant" is `assistant_only_loss=True` with `{{% generation %}}` markers
+  added to a copy of the same template (TRL requires them; the text renders identically).
+{("- **Note:** " + note.strip()) if note.strip() else ""}
+
+{markdown(HEADER, table_rows)}
+
+Speed ratio (ours / TRL, examples per second; goal >= 2x):
+
+{markdown(ratio_header, ratio_rows)}
+
+Command: `{command}` (`make bench-prepare` runs the 100,000-row default).
+
+Machine: {machine()}.
+"""
+    write_section(REPO / "BENCHMARKS.md", section.replace("\n\n\n", "\n\n"))
+    console.print(f"wrote the prepare section of {REPO / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
