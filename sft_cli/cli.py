@@ -142,10 +142,15 @@ def _run_verb(verb: str, cfg_node) -> int:
             cfg: SFTConfig = OmegaConf.to_object(cfg_node)
         except OmegaConfBaseException as exc:
             raise _config_error_from_omegaconf(exc) from None
+        import warnings
+
         import datasets
+        import transformers
 
         # tqdm bars off: long `datasets` work shows rich bars instead (console.datasets_progress).
         datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
         module = importlib.import_module(VERBS[verb][0])
         return int(module.run(cfg) or 0)
     except ConfigError as exc:

@@ -152,3 +152,64 @@ def datasets_progress():
             _RichBar.progress = None
 
     return manager()
+
+
+def print_train_start(info: dict, plan, total_steps: int, cfg, rows: int) -> None:
+    table = Table(title=f"sft train -> {cfg.run_dir}", title_justify="left", show_header=False)
+    rows_per_step = plan.micro_batch_size * plan.micro_batches_per_step
+    table.add_row("model", f"{cfg.model.name_or_path}  ({info['dtype']}, attention {info['attn_implementation']})")
+    table.add_row("parameters", f"{info['trainable_params']:,} trainable of {info['total_params']:,} "
+                  f"({100 * info['trainable_params'] / max(info['total_params'], 1):.2f}%, peft {cfg.peft.method})")
+    table.add_row("global batch", f"{rows_per_step} rows/step = {plan.micro_batch_size} x {plan.grad_accum} accum "
+                  f"x {plan.world_size} proc, <= {rows_per_step * cfg.max_seq_len:,} tokens/step")
+    table.add_row("schedule", f"{total_steps} steps, {plan.steps_per_epoch} per epoch over {rows:,} packed rows; "
+                  f"lr {cfg.optim.lr:g} {cfg.optim.schedule}")
+    out.print(table)
+
+
+def train_progress(total_steps: int, start_step: int, world):
+    """Context manager yielding `update(step, record)`: a live bar with loss, lr and tokens/s (rank 0)."""
+    import contextlib
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    @contextlib.contextmanager
+    def manager():
+        if not world.is_main:
+            yield lambda step, record: None
+            return
+        progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"),
+                            TimeRemainingColumn(), console=err)
+        task = progress.add_task("train", total=total_steps, completed=start_step, stats="")
+
+        def update(step: int, record: dict) -> None:
+            stats = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                     f"{record['tokens_per_sec']:,.0f} tok/s")
+            progress.update(task, completed=step, stats=stats)
+
+        with progress:
+            yield update
+
+    return manager()
+
+
+def print_train_summary(lines: list[dict], run_dir: Path) -> None:
+    steps = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if r.get("type") == "eval"]
+    table = Table(title=f"trained: {run_dir}/final  (loss curve: {run_dir}/loss_curve.png)", title_justify="left")
+    for column in ("step", "loss", "lr", "grad norm", "tokens/s", "eval loss"):
+        table.add_column(column, justify="right")
+    shown = steps if len(steps) <= 12 else steps[:: max(len(steps) // 10, 1)] + steps[-1:]
+    eval_at = {r["step"]: r["eval_loss"] for r in evals}
+    for r in shown:
+        table.add_row(str(r["step"]), f"{r['loss']:.4f}", f"{r['lr']:.2e}", f"{r['grad_norm']:.3f}",
+                      f"{r['tokens_per_sec']:,.0f}", f"{eval_at[r['step']]:.4f}" if r["step"] in eval_at else "")
+    out.print(table)

@@ -1,0 +1,67 @@
+"""Which packed rows every rank reads at every optimizer step: a pure function of
+(seed, epoch, step), so resuming needs only the step number and no sampler state.
+
+Each epoch the rows are shuffled (seeded by epoch) and cut into micro-batches of
+`micro_batch_size`; one optimizer step takes `grad_accum * world_size` consecutive
+micro-batches, rank r taking every world_size-th. So 1 process x grad_accum 2 and
+2 processes x grad_accum 1 see the same rows in the same step. Micro-batches left over
+at the end of an epoch (fewer than one step's worth) are skipped, so no rank ever waits
+for a batch that does not exist.
+
+    plan = StepPlan(num_rows=100, micro_batch_size=4, grad_accum=2, world_size=1, seed=0)
+    plan.steps_per_epoch        # 12
+    plan.micro_batches(step=3, rank=0)   # [[row, row, row, row], [..]]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sft_cli.data.collate import length_grouped_batches
+
+
+@dataclass
+class StepPlan:
+    num_rows: int
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+    seed: int
+    lengths: list[int] | None = None  # set for unpacked rows: batches group similar lengths
+    _epoch_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_rows / self.micro_batch_size) // self.micro_batches_per_step
+
+    def total_steps(self, epochs: float, max_steps: int) -> int:
+        return max_steps if max_steps > 0 else max(1, math.ceil(epochs * self.steps_per_epoch))
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epoch_cache:
+            self._epoch_cache.clear()  # one epoch at a time is all the loop needs
+            if self.lengths is not None:
+                seed = int(np.random.SeedSequence([self.seed, 6, epoch]).generate_state(1)[0])
+                batches = length_grouped_batches(self.lengths, self.micro_batch_size, seed=seed)
+            else:
+                order = np.random.default_rng([self.seed, 5, epoch]).permutation(self.num_rows).tolist()
+                batches = [order[i:i + self.micro_batch_size] for i in range(0, self.num_rows, self.micro_batch_size)]
+            self._epoch_cache[epoch] = batches
+        return self._epoch_cache[epoch]
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, step within the epoch) of a global 0-based step."""
+        return divmod(step, self.steps_per_epoch)
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        epoch, within = self.position(step)
+        batches = self.epoch_batches(epoch)
+        first = within * self.micro_batches_per_step
+        return [batches[first + j * self.world_size + rank] for j in range(self.grad_accum)]

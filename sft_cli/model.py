@@ -1,0 +1,126 @@
+"""The model for a run: load, match the tokenizer, pick an attention backend that keeps
+packed examples apart, and wrap it with LoRA (peft) or leave it whole.
+
+    model, info = load_model(cfg, tokenizer)        # info: dtype, attn backend, trainable params
+    hidden = decoder(model)(input_ids=..., position_ids=..., use_cache=False).last_hidden_state
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sft_cli.config import SFTConfig
+from sft_cli.errors import ConfigError, SFTError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Backends that isolate packed examples given restarting position_ids (see data/collate.py).
+ISOLATING = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"}
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPUs: bf16 matmuls are slow or emulated on most, and fp32 is exact
+    if name not in DTYPES:
+        raise ConfigError("model.dtype", f"unknown dtype '{name}'", "use float32, bfloat16, float16 or auto")
+    return DTYPES[name]
+
+
+def pick_attention(name: str, training: bool = True) -> str:
+    """`auto`: flash varlen on GPU when installed, else SDPA (both isolate packed examples)."""
+    on_gpu = torch.cuda.is_available()
+    if name == "auto":
+        if on_gpu:
+            try:
+                import flash_attn  # noqa: F401
+
+                return "flash_attention_2"
+            except ImportError:
+                pass
+        return "sdpa"
+    if name not in ISOLATING:
+        raise ConfigError("model.attn_implementation", f"'{name}' is not known to keep packed examples apart",
+                          f"use one of {sorted(ISOLATING)} or auto")
+    if name == "flex_attention" and not on_gpu and training:
+        raise ConfigError("model.attn_implementation", "flex_attention has no backward pass on CPU",
+                          "use sdpa (or eager) on CPU")
+    if name.startswith("flash_attention") and not on_gpu:
+        raise ConfigError("model.attn_implementation", f"{name} needs a CUDA GPU", "use sdpa on CPU")
+    return name
+
+
+def decoder(model):
+    """The transformer body (no LM head) under any peft/DDP wrapping."""
+    return unwrap(model).get_decoder()
+
+
+def lm_head(model):
+    return unwrap(model).get_output_embeddings()
+
+
+def unwrap(model):
+    """LlamaForCausalLM (etc.) from inside DDP / FSDP / peft wrappers."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def load_model(cfg: SFTConfig, tokenizer, path: str):
+    from transformers import AutoModelForCausalLM
+
+    from sft_cli.assets import resolve_model
+
+    dtype = pick_dtype(cfg.model.dtype)
+    attn = pick_attention(cfg.model.attn_implementation)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model(path), dtype=dtype, attn_implementation=attn,
+            trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+    except (OSError, ValueError) as exc:
+        raise SFTError(f"cannot load model '{path}': {str(exc).splitlines()[0][:200]}. Offline? Set "
+                       "model.name_or_path to a local folder.") from None
+    model.config.use_cache = False  # a KV cache would switch off packed-sequence masking
+    added_tokens = len(tokenizer) > model.get_input_embeddings().weight.shape[0]
+    if added_tokens:
+        # New rows start at the mean of the old ones: a new token begins as "an average token"
+        # instead of noise that would spike the first losses.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, key)
+        if value is not None:
+            setattr(model.config, key, value)
+    if cfg.trainer.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.peft.method != "none":
+            model.enable_input_require_grads()
+    model = apply_peft(cfg, model, added_tokens)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return model, {"dtype": str(dtype).removeprefix("torch."), "attn_implementation": attn,
+                   "trainable_params": trainable, "total_params": total, "added_tokens": added_tokens}
+
+
+def _embedding_module_names(model) -> list[str]:
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if id(module) in wanted})
+
+
+def apply_peft(cfg: SFTConfig, model, added_tokens: bool):
+    method = cfg.peft.method
+    if method == "none":
+        return model
+    if method != "lora":
+        raise ConfigError("peft.method", f"unknown method '{method}'", "use lora or none")
+    from peft import LoraConfig, get_peft_model
+
+    modules_to_save = cfg.peft.modules_to_save
+    if modules_to_save is None and added_tokens:
+        # New tokens need trainable embeddings (and head), or their rows stay at the mean forever.
+        modules_to_save = _embedding_module_names(model)
+    target = cfg.peft.target_modules
+    config = LoraConfig(
+        r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
+        target_modules=target if isinstance(target, str) else list(target),
+        use_dora=cfg.peft.use_dora, use_rslora=cfg.peft.use_rslora,
+        modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -1,0 +1,282 @@
+"""`sft train`: the training loop. LoRA or full fine-tuning on packed rows, loss masking,
+NEFTune, exact resume. Runs prepare and pack first when their outputs are missing.
+
+One optimizer step, top to bottom (see `train`):
+  1. the step's rows come from StepPlan (pure function of seed, epoch, step: resume needs no state);
+  2. count the step's trained tokens N over every micro-batch (and every rank);
+  3. each micro-batch adds sum(CE) / N to the gradient, so the step's gradient is the mean over
+     all its tokens, however the step is split into micro-batches or processes;
+  4. clip, check finiteness (skip the step if not), optimizer and schedule step;
+  5. log, evaluate and checkpoint on their intervals; SIGTERM/SIGINT checkpoint, then exit.
+
+    sft train recipe=demo trainer.max_steps=20
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import datasets
+import torch
+
+from sft_cli import console as ui
+from sft_cli.artifacts import fingerprint, read_manifest, write_text_atomic
+from sft_cli.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
+from sft_cli.config import SFTConfig, to_yaml
+from sft_cli.data.collate import VARLEN_BACKENDS, Collator
+from sft_cli.data.pack import ensure_packed
+from sft_cli.data.prepare import load_prepared_tokenizer
+from sft_cli.data.sampler import StepPlan
+from sft_cli.distributed import all_reduce_sum, world
+from sft_cli.errors import ConfigError, SFTError
+from sft_cli.loss import chunked_ce_sum, count_targets
+from sft_cli.model import decoder, lm_head, load_model, unwrap
+from sft_cli.neftune import neftune
+from sft_cli.plot import loss_curve_png
+from sft_cli.schedule import build_optimizer, build_scheduler
+
+# Keys whose change makes a checkpoint meaningless for this run (resume refuses).
+RUN_DEFINING = ("seed", "max_seq_len", "model", "data", "pack", "peft", "optim", "trainer.micro_batch_size",
+                "trainer.grad_accum", "trainer.max_steps", "trainer.epochs", "trainer.neftune_alpha",
+                "trainer.gradient_checkpointing")
+
+
+def run(cfg: SFTConfig) -> int:
+    ensure_packed(cfg)
+    return train(cfg)
+
+
+def run_identity(cfg: SFTConfig) -> dict:
+    """The values of RUN_DEFINING keys, flattened: stored in checkpoints, compared on resume."""
+    from omegaconf import OmegaConf
+
+    flat = {}
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    for key in RUN_DEFINING:
+        node = container
+        for part in key.split("."):
+            node = node[part]
+        if isinstance(node, dict):
+            flat.update({f"{key}.{k}": json.dumps(v, sort_keys=True) for k, v in node.items()})
+        else:
+            flat[key] = json.dumps(node)
+    return flat
+
+
+class Stop:
+    """SIGTERM / SIGINT: finish the current step, checkpoint, exit (0 / 130)."""
+
+    def __init__(self):
+        self.code = None
+        for sig, code in ((signal.SIGTERM, 0), (signal.SIGINT, 130)):
+            signal.signal(sig, lambda *_, c=code: setattr(self, "code", c))
+
+
+def forward_loss(model, batch: dict, head, softcap) -> tuple[torch.Tensor, int]:
+    # use_cache=False: with a KV cache transformers would not build the packed (block) mask.
+    hidden = decoder(model)(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                            use_cache=False).last_hidden_state
+    return chunked_ce_sum(hidden, batch["labels"], head, softcap=softcap)
+
+
+def accumulate_gradients(model, batches: list[dict], head, softcap, set_lengths=lambda *a: None) -> tuple[float, int]:
+    """Backward every micro-batch of one optimizer step; returns (step loss, trained tokens).
+
+    Each micro-batch contributes sum(CE) / N_step, N_step counted over the whole step on every
+    rank, so the gradient is the token mean of the step: identical for 8x1, 4x2 or 2 processes x 4,
+    never a mean of per-micro-batch means (which overweights short micro-batches).
+    """
+    w = world()
+    step_targets = all_reduce_sum(sum(count_targets(b["labels"]) for b in batches))
+    loss_sum = 0.0
+    for batch in batches:
+        set_lengths(batch["seq_lens"], batch["input_ids"].shape)
+        ce_sum, _ = forward_loss(model, batch, head, softcap)
+        # x world_size: DDP averages gradients over ranks; this turns the average into the sum.
+        (ce_sum * w.world_size / max(step_targets, 1)).backward()
+        loss_sum += ce_sum.item()
+    return all_reduce_sum(loss_sum) / max(step_targets, 1), int(step_targets)
+
+
+def _inject_fault(step: int, model) -> None:
+    """Fault injection for the reliability tests (env vars, never set in normal use):
+    SFT_FAULT_NAN_STEPS=3,4 poisons those steps' gradients; SFT_FAULT_KILL_STEP=5 SIGKILLs the
+    process after step 5's backward, before its update (a crash mid-step)."""
+    import os
+
+    if str(step) in os.environ.get("SFT_FAULT_NAN_STEPS", "").split(","):
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.fill_(float("nan"))
+    if os.environ.get("SFT_FAULT_KILL_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@torch.no_grad()
+def evaluate_loss(model, rows: datasets.Dataset, collate: Collator, micro_batch_size: int) -> dict:
+    """Token-mean loss over a whole split (same packing and masking as training)."""
+    was_training = model.training
+    model.eval()
+    w = world()
+    head, softcap = lm_head(model), getattr(unwrap(model).config, "final_logit_softcapping", None)
+    total, count = 0.0, 0
+    indices = list(range(w.rank, len(rows), w.world_size))
+    for lo in range(0, len(indices), micro_batch_size):
+        batch = collate(rows.select(indices[lo:lo + micro_batch_size]))
+        loss_sum, n = forward_loss(model, batch, head, softcap)
+        total, count = total + loss_sum.item(), count + n
+    total, count = all_reduce_sum(total), all_reduce_sum(count)
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": int(count)}
+
+
+def train(cfg: SFTConfig) -> int:
+    w = world()
+    run_dir = Path(cfg.run_dir)
+    torch.manual_seed(cfg.seed)
+    if not torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)  # bitwise resume on CPU
+    tokenizer = load_prepared_tokenizer(run_dir / "prepared")
+    splits = datasets.load_from_disk(str(run_dir / "packed"))
+    model, info = load_model(cfg, tokenizer, cfg.model.name_or_path)
+    model.train()
+    collate = Collator(pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                       flat=info["attn_implementation"] in VARLEN_BACKENDS)
+    rows = splits["train"].select_columns(["input_ids", "labels", "position_ids", "seq_lens"])
+    eval_rows = splits["eval"].select_columns(rows.column_names) if "eval" in splits else None
+    unpacked = cfg.pack.strategy == "none"
+    plan = StepPlan(len(rows), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, w.world_size, cfg.seed,
+                    lengths=[len(x) for x in rows["input_ids"]] if unpacked else None)
+    if plan.steps_per_epoch == 0:
+        raise ConfigError("trainer.micro_batch_size", f"{len(rows)} packed rows cannot fill one step of "
+                          f"{plan.micro_batches_per_step} micro-batches", "lower micro_batch_size or grad_accum")
+    total_steps = plan.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    identity = run_identity(cfg)
+    fingerprints = {"run": fingerprint(identity), "identity": identity,
+                    "packed": read_manifest(run_dir / "packed")["fingerprint"]}
+
+    step, state = 0, {"tokens": 0, "loss_tokens": 0, "bad_streak": 0, "elapsed_s": 0.0}
+    resume_from = latest_checkpoint(run_dir) if cfg.trainer.resume == "auto" else None
+    if resume_from is not None:
+        _check_resumable(resume_from, fingerprints)
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        step = state["step"]
+        ui.err.print(f"[green]resuming[/] from {resume_from} (step {step} of {total_steps})")
+    elif cfg.trainer.resume not in ("auto", "never"):
+        raise ConfigError("trainer.resume", f"unknown value '{cfg.trainer.resume}'", "use auto or never")
+    elif w.is_main and (run_dir / "checkpoints").exists():
+        shutil.rmtree(run_dir / "checkpoints")  # starting over: old checkpoints would mix two runs
+    metrics_path = run_dir / "metrics.jsonl"
+    if w.is_main:
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        _truncate_metrics(metrics_path, step)
+        ui.print_train_start(info, plan, total_steps, cfg, len(rows))
+
+    head, softcap = lm_head(model), getattr(unwrap(model).config, "final_logit_softcapping", None)
+    stop, started = Stop(), time.perf_counter() - state["elapsed_s"]
+    with neftune(model, cfg.trainer.neftune_alpha) as set_lengths, ui.train_progress(total_steps, step, w) as bar, \
+            open(metrics_path, "a") as metrics:
+        while step < total_steps and stop.code is None:
+            step_started = time.perf_counter()
+            batches = [collate(rows.select(ids)) for ids in plan.micro_batches(step, w.rank)]
+            loss, step_targets = accumulate_gradients(model, batches, head, softcap, set_lengths)
+            _inject_fault(step + 1, model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf")).item()
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                optimizer.step()
+                state["bad_streak"] = 0
+            else:  # never let a NaN reach the weights: skip the update, keep the data moving
+                state["bad_streak"] += 1
+                ui.err.print(f"[yellow]step {step + 1}: non-finite loss/grad ({loss}, {grad_norm}); skipped[/]")
+                if state["bad_streak"] > cfg.trainer.max_bad_steps:
+                    raise SFTError(f"{state['bad_streak']} non-finite steps in a row (trainer.max_bad_steps="
+                                   f"{cfg.trainer.max_bad_steps}); stopping. Lower optim.lr or check the data.")
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            tokens = int(all_reduce_sum(sum(int(n) for b in batches for r in b["seq_lens"] for n in r)))
+            state["tokens"] += tokens
+            state["loss_tokens"] += int(step_targets)
+            state["elapsed_s"] = time.perf_counter() - started
+            record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
+                      "grad_norm": grad_norm, "tokens": tokens, "loss_tokens": int(step_targets),
+                      "tokens_per_sec": tokens / max(time.perf_counter() - step_started, 1e-9),
+                      "elapsed_s": round(state["elapsed_s"], 3)}
+            if w.is_main:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                bar(step, record)
+            if eval_rows is not None and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
+                _log_eval(model, eval_rows, collate, cfg, step, metrics, w)
+            if (cfg.trainer.save_every and step % cfg.trainer.save_every == 0) or stop.code is not None:
+                _checkpoint(run_dir, step, model, optimizer, scheduler, state, cfg, fingerprints, w)
+
+    if stop.code is not None:
+        ui.err.print(f"[yellow]stopped by signal at step {step}; checkpoint saved. Re-run the same command to resume.")
+        return stop.code
+    if eval_rows is not None and not (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
+        with open(metrics_path, "a") as metrics:
+            _log_eval(model, eval_rows, collate, cfg, step, metrics, w)
+    _checkpoint(run_dir, step, model, optimizer, scheduler, state, cfg, fingerprints, w)
+    if w.is_main:
+        prepared_report = json.loads((run_dir / "prepared" / "report.json").read_text())
+        save_final(run_dir, model, tokenizer, prepared_report.get("eot_token_ids", []))
+        _finish(run_dir, metrics_path)
+    return 0
+
+
+def _log_eval(model, eval_rows, collate, cfg, step, metrics, w) -> None:
+    result = evaluate_loss(model, eval_rows, collate, cfg.trainer.micro_batch_size)
+    if w.is_main:
+        metrics.write(json.dumps({"type": "eval", "step": step, **result}) + "\n")
+        metrics.flush()
+        ui.err.print(f"step {step}: eval loss {result['eval_loss']:.4f} (ppl {result['eval_ppl']:.2f})")
+
+
+def _checkpoint(run_dir, step, model, optimizer, scheduler, state, cfg, fingerprints, w) -> None:
+    if w.is_main and state.get("saved_step") != step:
+        state["saved_step"] = step
+        save_checkpoint(run_dir, step, model, optimizer, scheduler, {**state, "step": step}, cfg,
+                        fingerprints, cfg.trainer.keep_last)
+
+
+def _check_resumable(folder: Path, fingerprints: dict) -> None:
+    saved = read_manifest(folder) or {}
+    if saved.get("run") == fingerprints["run"] and saved.get("packed") == fingerprints["packed"]:
+        return
+    if saved.get("packed") != fingerprints["packed"]:
+        raise SFTError(f"refusing to resume from {folder}: the packed data changed since it was written. "
+                       "Use trainer.resume=never to start over, or a new run_dir.")
+    old, new = saved.get("identity", {}), fingerprints["identity"]
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    detail = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed[:4])
+    raise SFTError(f"refusing to resume from {folder}: {detail}. Use trainer.resume=never to start over, "
+                   "or a new run_dir.")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume, drop lines past the checkpoint so the file reads like one uninterrupted run."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+            and (step > 0)]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _finish(run_dir: Path, metrics_path: Path) -> None:
+    lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train_points = [(r["step"], r["loss"]) for r in lines if "loss" in r and math.isfinite(r["loss"])]
+    eval_points = [(r["step"], r["eval_loss"]) for r in lines if r.get("type") == "eval"]
+    loss_curve_png(train_points, eval_points, run_dir / "loss_curve.png")
+    ui.print_train_summary(lines, run_dir)
