@@ -135,37 +135,49 @@ def _run_verb(verb: str, cfg_node) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from sft_cli.config import SFTConfig
-
-    try:
+    def body() -> int:
         try:
-            cfg: SFTConfig = OmegaConf.to_object(cfg_node)
+            cfg = OmegaConf.to_object(cfg_node)
         except OmegaConfBaseException as exc:
             raise _config_error_from_omegaconf(exc) from None
-        import warnings
+        return int(importlib.import_module(VERBS[verb][0]).run(cfg) or 0)
 
-        import datasets
-        import transformers
+    return guarded(body)
 
-        # tqdm bars off: long `datasets` work shows rich bars instead (console.datasets_progress).
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-        warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
-        module = importlib.import_module(VERBS[verb][0])
-        return int(module.run(cfg) or 0)
+
+def quiet_libraries() -> None:
+    import warnings
+
+    import datasets
+    import transformers
+
+    # tqdm bars off: long `datasets` work shows rich bars instead (console.datasets_progress).
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
+
+
+def guarded(body) -> int:
+    """Run `body() -> exit code`, turning errors into messages and exit codes (never a traceback).
+    Workers of a multi-process job prefix their messages with their rank."""
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    try:
+        quiet_libraries()
+        return body()
     except ConfigError as exc:
-        err_console.print(f"[bold red]config error[/] {exc}")
+        err_console.print(f"{rank}[bold red]config error[/] {exc}")
         return exc.exit_code
     except SFTError as exc:
-        err_console.print(f"[bold red]error[/] {exc}")
+        err_console.print(f"{rank}[bold red]error[/] {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
+        err_console.print(f"{rank}[yellow]interrupted[/]")
         return 130
-    except Exception as exc:  # a bug of ours: say so, keep the traceback out of the way
-        log = Path(tempfile.gettempdir()) / "sft-error.log"
+    except Exception as exc:  # a bug of ours, or a peer rank that died: say so, keep the traceback out of the way
+        log = Path(tempfile.gettempdir()) / f"sft-error{'-rank' + os.environ['RANK'] if rank else ''}.log"
         log.write_text(traceback.format_exc())
-        err_console.print(f"[bold red]internal error[/] {type(exc).__name__}: {exc}\n  traceback: {log}")
+        err_console.print(f"{rank}[bold red]internal error[/] {type(exc).__name__}: {str(exc)[:500]}\n"
+                          f"  traceback: {log}")
         return 1
 
 

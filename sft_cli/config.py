@@ -175,7 +175,15 @@ class TrainerConfig:
     max_bad_steps: int = 5
     """Consecutive non-finite steps tolerated before stopping."""
     nproc: Any = 1
-    """Processes on this node (int or auto)."""
+    """Processes on this node: an int, or auto (= visible GPUs, 1 on CPU). >1 launches torchrun."""
+    nnodes: int = 1
+    """Nodes in the job; run the same command on each with its own node_rank."""
+    node_rank: int = 0
+    """This node's index (0 hosts the rendezvous when rdzv_endpoint points at it)."""
+    rdzv_endpoint: str | None = None
+    """host:port of the c10d rendezvous; null = a free port on 127.0.0.1 (single node only)."""
+    parallel: str = "auto"
+    """ddp | fsdp (FSDP2 fully_shard) | auto (fsdp for full fine-tuning of >= 1B params, else ddp)."""
 
 
 @dataclass

@@ -16,6 +16,11 @@ out = Console()
 err = Console(stderr=True)
 
 
+def silence() -> None:
+    """Ranks other than 0 of a multi-process job print nothing (errors go through cli.guarded)."""
+    out.quiet = err.quiet = True
+
+
 def print_prepare_report(report: dict, folder: Path) -> None:
     sources = Table(title=f"sft prepare -> {folder}", title_justify="left")
     for column in ("source", "read", "kept", "rejected", "train", "eval", "weight", "train share"):
@@ -154,16 +159,21 @@ def datasets_progress():
     return manager()
 
 
-def print_train_start(info: dict, plan, total_steps: int, cfg, rows: int) -> None:
+def print_train_start(info: dict, plan, total_steps: int, cfg, packed: dict) -> None:
+    """What one optimizer step is, before the first one: the effective global batch."""
     table = Table(title=f"sft train -> {cfg.run_dir}", title_justify="left", show_header=False)
     rows_per_step = plan.micro_batch_size * plan.micro_batches_per_step
+    per_row = lambda key: packed[key] / max(packed["rows"], 1)  # noqa: E731
     table.add_row("model", f"{cfg.model.name_or_path}  ({info['dtype']}, attention {info['attn_implementation']})")
     table.add_row("parameters", f"{info['trainable_params']:,} trainable of {info['total_params']:,} "
                   f"({100 * info['trainable_params'] / max(info['total_params'], 1):.2f}%, peft {cfg.peft.method})")
-    table.add_row("global batch", f"{rows_per_step} rows/step = {plan.micro_batch_size} x {plan.grad_accum} accum "
-                  f"x {plan.world_size} proc, <= {rows_per_step * cfg.max_seq_len:,} tokens/step")
-    table.add_row("schedule", f"{total_steps} steps, {plan.steps_per_epoch} per epoch over {rows:,} packed rows; "
-                  f"lr {cfg.optim.lr:g} {cfg.optim.schedule}")
+    table.add_row("processes", f"{plan.world_size} (parallel: {info.get('parallel', 'none')})")
+    table.add_row("global batch", f"{rows_per_step} rows/step = {plan.micro_batch_size} micro x {plan.grad_accum} "
+                  f"accum x {plan.world_size} proc; ~{rows_per_step * per_row('examples'):,.0f} examples, "
+                  f"~{rows_per_step * per_row('real_tokens'):,.0f} tokens "
+                  f"(~{rows_per_step * per_row('loss_tokens'):,.0f} trained) per step")
+    table.add_row("schedule", f"{total_steps} steps, {plan.steps_per_epoch} per epoch over {packed['rows']:,} packed "
+                  f"rows; lr {cfg.optim.lr:g} {cfg.optim.schedule}")
     out.print(table)
 
 

@@ -2,7 +2,7 @@
 packed examples apart, and wrap it with LoRA (peft) or leave it whole.
 
     model, info = load_model(cfg, tokenizer)        # info: dtype, attn backend, trainable params
-    hidden = decoder(model)(input_ids=..., position_ids=..., use_cache=False).last_hidden_state
+    loss_sum = CausalLMLoss(model)(batch["input_ids"], batch["position_ids"], batch["labels"])
 """
 
 from __future__ import annotations
@@ -48,6 +48,38 @@ def pick_attention(name: str, training: bool = True) -> str:
     if name.startswith("flash_attention") and not on_gpu:
         raise ConfigError("model.attn_implementation", f"{name} needs a CUDA GPU", "use sdpa on CPU")
     return name
+
+
+class CausalLMLoss(torch.nn.Module):
+    """Summed next-token CE of a micro-batch, as one module: the unit DDP and FSDP2 wrap.
+
+    The LM head runs only on trained positions, in chunks (loss.chunked_ce_sum), so the forward
+    goes body -> loss here instead of through the model's own forward (which would build the
+    full (B, T, vocab) logits). Wrapping this module, not the model, keeps DDP's gradient hooks
+    and FSDP2's unshard hooks on the path that is actually called.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids, position_ids, labels):
+        from sft_cli.loss import chunked_ce_sum
+
+        # use_cache=False: with a KV cache transformers would not build the packed (block) mask.
+        hidden = decoder(self.model)(input_ids=input_ids, position_ids=position_ids,
+                                     use_cache=False).last_hidden_state
+        return chunked_ce_sum(hidden, labels, lm_head(self.model), softcap=self.softcap)[0]
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (FSDP2 shards each as its own group)."""
+    body = decoder(model)
+    for name in ("layers", "h", "blocks"):
+        if isinstance(getattr(body, name, None), torch.nn.ModuleList):
+            return list(getattr(body, name))
+    return []
 
 
 def decoder(model):

@@ -32,10 +32,20 @@ from sft_cli.data.collate import VARLEN_BACKENDS, Collator
 from sft_cli.data.pack import ensure_packed
 from sft_cli.data.prepare import load_prepared_tokenizer
 from sft_cli.data.sampler import StepPlan
-from sft_cli.distributed import all_reduce_sum, world
+from sft_cli.distributed import (
+    all_reduce_max,
+    all_reduce_sum,
+    any_rank,
+    device,
+    full_value,
+    no_sync,
+    process_group,
+    world,
+    wrap,
+)
 from sft_cli.errors import ConfigError, SFTError
-from sft_cli.loss import chunked_ce_sum, count_targets
-from sft_cli.model import decoder, lm_head, load_model, unwrap
+from sft_cli.loss import count_targets
+from sft_cli.model import CausalLMLoss, decoder_layers, load_model, pick_dtype
 from sft_cli.neftune import neftune
 from sft_cli.plot import loss_curve_png
 from sft_cli.schedule import build_optimizer, build_scheduler
@@ -47,8 +57,26 @@ RUN_DEFINING = ("seed", "max_seq_len", "model", "data", "pack", "peft", "optim",
 
 
 def run(cfg: SFTConfig) -> int:
-    ensure_packed(cfg)
-    return train(cfg)
+    from sft_cli import launch
+
+    if launch.should_launch(cfg):
+        return launch.launch(cfg)  # N workers through torchrun, each comes back here as a rank
+    with process_group() as w:
+        if not w.is_main:
+            ui.silence()
+        with launch.run_lock(Path(cfg.run_dir)):
+            ensure_packed(cfg)  # already built by the launcher, or by the first rank to get the lock
+        return train(cfg)
+
+
+def parallel_strategy(cfg: SFTConfig, total_params: int) -> str:
+    """ddp replicates weights (LoRA, small models); fsdp shards them (full FT of large models)."""
+    strategy = cfg.trainer.parallel
+    if strategy == "auto":
+        return "fsdp" if cfg.peft.method == "none" and total_params >= 1_000_000_000 else "ddp"
+    if strategy not in ("ddp", "fsdp"):
+        raise ConfigError("trainer.parallel", f"unknown strategy '{strategy}'", "use ddp, fsdp or auto")
+    return strategy
 
 
 def run_identity(cfg: SFTConfig) -> dict:
@@ -77,14 +105,16 @@ class Stop:
             signal.signal(sig, lambda *_, c=code: setattr(self, "code", c))
 
 
-def forward_loss(model, batch: dict, head, softcap) -> tuple[torch.Tensor, int]:
-    # use_cache=False: with a KV cache transformers would not build the packed (block) mask.
-    hidden = decoder(model)(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                            use_cache=False).last_hidden_state
-    return chunked_ce_sum(hidden, batch["labels"], head, softcap=softcap)
+def forward_loss(engine, batch: dict) -> torch.Tensor:
+    """Summed CE of one micro-batch through `engine` (CausalLMLoss, maybe DDP/FSDP-wrapped)."""
+    return engine(batch["input_ids"], batch["position_ids"], batch["labels"])
 
 
-def accumulate_gradients(model, batches: list[dict], head, softcap, set_lengths=lambda *a: None) -> tuple[float, int]:
+def to_device(batch: dict, where: torch.device) -> dict:
+    return {k: v.to(where, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def accumulate_gradients(engine, batches: list[dict], set_lengths=lambda *a: None) -> tuple[float, int]:
     """Backward every micro-batch of one optimizer step; returns (step loss, trained tokens).
 
     Each micro-batch contributes sum(CE) / N_step, N_step counted over the whole step on every
@@ -94,11 +124,12 @@ def accumulate_gradients(model, batches: list[dict], head, softcap, set_lengths=
     w = world()
     step_targets = all_reduce_sum(sum(count_targets(b["labels"]) for b in batches))
     loss_sum = 0.0
-    for batch in batches:
+    for i, batch in enumerate(batches):
         set_lengths(batch["seq_lens"], batch["input_ids"].shape)
-        ce_sum, _ = forward_loss(model, batch, head, softcap)
-        # x world_size: DDP averages gradients over ranks; this turns the average into the sum.
-        (ce_sum * w.world_size / max(step_targets, 1)).backward()
+        with no_sync(engine, last=i == len(batches) - 1):
+            ce_sum = forward_loss(engine, batch)
+            # x world_size: DDP and FSDP average gradients over ranks; this turns the average into the sum.
+            (ce_sum * w.world_size / max(step_targets, 1)).backward()
         loss_sum += ce_sum.item()
     return all_reduce_sum(loss_sum) / max(step_targets, 1), int(step_targets)
 
@@ -118,20 +149,27 @@ def _inject_fault(step: int, model) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows: datasets.Dataset, collate: Collator, micro_batch_size: int) -> dict:
-    """Token-mean loss over a whole split (same packing and masking as training)."""
-    was_training = model.training
-    model.eval()
+def evaluate_loss(engine, rows: datasets.Dataset, collate: Collator, micro_batch_size: int) -> dict:
+    """Token-mean loss over a whole split (same packing and masking as training).
+
+    Every rank runs the same number of forwards (a rank short of rows repeats its last batch
+    with its loss discarded): FSDP2's forward is collective, so an idle rank would hang the rest.
+    """
+    was_training = engine.training
+    engine.eval()
     w = world()
-    head, softcap = lm_head(model), getattr(unwrap(model).config, "final_logit_softcapping", None)
     total, count = 0.0, 0
     indices = list(range(w.rank, len(rows), w.world_size))
-    for lo in range(0, len(indices), micro_batch_size):
-        batch = collate(rows.select(indices[lo:lo + micro_batch_size]))
-        loss_sum, n = forward_loss(model, batch, head, softcap)
-        total, count = total + loss_sum.item(), count + n
+    batches = [indices[lo:lo + micro_batch_size] for lo in range(0, len(indices), micro_batch_size)]
+    rounds = int(all_reduce_max(len(batches)))
+    for i in range(rounds):
+        ids = batches[min(i, len(batches) - 1)] if batches else [0]
+        batch = to_device(collate(rows.select(ids)), device())
+        loss_sum = forward_loss(engine, batch)
+        if i < len(batches):
+            total, count = total + loss_sum.item(), count + count_targets(batch["labels"])
     total, count = all_reduce_sum(total), all_reduce_sum(count)
-    model.train(was_training)
+    engine.train(was_training)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": int(count)}
 
@@ -144,8 +182,15 @@ def train(cfg: SFTConfig) -> int:
         torch.use_deterministic_algorithms(True, warn_only=True)  # bitwise resume on CPU
     tokenizer = load_prepared_tokenizer(run_dir / "prepared")
     splits = datasets.load_from_disk(str(run_dir / "packed"))
+
+    # Model -> loss module -> DDP / FSDP2 (or nothing in one process) -> optimizer.
     model, info = load_model(cfg, tokenizer, cfg.model.name_or_path)
+    info["parallel"] = parallel_strategy(cfg, info["total_params"]) if w.world_size > 1 else "none"
+    if info["parallel"] == "fsdp":
+        model.to(torch.float32)  # FSDP2 keeps float32 master weights, computes in model.dtype (its policy)
+    model.to(device())
     model.train()
+    engine = wrap(CausalLMLoss(model), info["parallel"], decoder_layers(model), pick_dtype(cfg.model.dtype))
     collate = Collator(pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                        flat=info["attn_implementation"] in VARLEN_BACKENDS)
     rows = splits["train"].select_columns(["input_ids", "labels", "position_ids", "seq_lens"])
@@ -167,7 +212,7 @@ def train(cfg: SFTConfig) -> int:
     resume_from = latest_checkpoint(run_dir) if cfg.trainer.resume == "auto" else None
     if resume_from is not None:
         _check_resumable(resume_from, fingerprints)
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        state = load_checkpoint(resume_from, model, engine, optimizer, scheduler)
         step = state["step"]
         ui.err.print(f"[green]resuming[/] from {resume_from} (step {step} of {total_steps})")
     elif cfg.trainer.resume not in ("auto", "never"):
@@ -178,19 +223,22 @@ def train(cfg: SFTConfig) -> int:
     if w.is_main:
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
         _truncate_metrics(metrics_path, step)
-        ui.print_train_start(info, plan, total_steps, cfg, len(rows))
+        packed = json.loads((run_dir / "packed" / "report.json").read_text())["splits"]["train"]
+        ui.print_train_start(info, plan, total_steps, cfg, packed)
 
-    head, softcap = lm_head(model), getattr(unwrap(model).config, "final_logit_softcapping", None)
     stop, started = Stop(), time.perf_counter() - state["elapsed_s"]
+    save = lambda: _checkpoint(run_dir, step, model, engine, optimizer, scheduler, state, cfg, fingerprints)  # noqa: E731
     with neftune(model, cfg.trainer.neftune_alpha) as set_lengths, ui.train_progress(total_steps, step, w) as bar, \
             open(metrics_path, "a") as metrics:
-        while step < total_steps and stop.code is None:
+        stopping = False
+        while step < total_steps and not stopping:
             step_started = time.perf_counter()
-            batches = [collate(rows.select(ids)) for ids in plan.micro_batches(step, w.rank)]
-            loss, step_targets = accumulate_gradients(model, batches, head, softcap, set_lengths)
+            batches = [to_device(collate(rows.select(ids)), device()) for ids in plan.micro_batches(step, w.rank)]
+            loss, step_targets = accumulate_gradients(engine, batches, set_lengths)
             _inject_fault(step + 1, model)
             params = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf")).item()
+            grad_norm = full_value(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf")))
+            grad_norm = grad_norm.item()
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 optimizer.step()
                 state["bad_streak"] = 0
@@ -218,36 +266,37 @@ def train(cfg: SFTConfig) -> int:
                 metrics.flush()
                 bar(step, record)
             if eval_rows is not None and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                _log_eval(model, eval_rows, collate, cfg, step, metrics, w)
-            if (cfg.trainer.save_every and step % cfg.trainer.save_every == 0) or stop.code is not None:
-                _checkpoint(run_dir, step, model, optimizer, scheduler, state, cfg, fingerprints, w)
+                _log_eval(engine, eval_rows, collate, cfg, step, metrics, w)
+            stopping = any_rank(stop.code is not None)  # every rank stops after the same step
+            if (cfg.trainer.save_every and step % cfg.trainer.save_every == 0) or stopping:
+                save()
 
-    if stop.code is not None:
+    if stopping:
         ui.err.print(f"[yellow]stopped by signal at step {step}; checkpoint saved. Re-run the same command to resume.")
-        return stop.code
+        return stop.code if stop.code is not None else 0
     if eval_rows is not None and not (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
         with open(metrics_path, "a") as metrics:
-            _log_eval(model, eval_rows, collate, cfg, step, metrics, w)
-    _checkpoint(run_dir, step, model, optimizer, scheduler, state, cfg, fingerprints, w)
+            _log_eval(engine, eval_rows, collate, cfg, step, metrics, w)
+    save()
+    prepared_report = json.loads((run_dir / "prepared" / "report.json").read_text())
+    save_final(run_dir, model, engine, tokenizer, prepared_report.get("eot_token_ids", []))
     if w.is_main:
-        prepared_report = json.loads((run_dir / "prepared" / "report.json").read_text())
-        save_final(run_dir, model, tokenizer, prepared_report.get("eot_token_ids", []))
         _finish(run_dir, metrics_path)
     return 0
 
 
-def _log_eval(model, eval_rows, collate, cfg, step, metrics, w) -> None:
-    result = evaluate_loss(model, eval_rows, collate, cfg.trainer.micro_batch_size)
+def _log_eval(engine, eval_rows, collate, cfg, step, metrics, w) -> None:
+    result = evaluate_loss(engine, eval_rows, collate, cfg.trainer.micro_batch_size)
     if w.is_main:
         metrics.write(json.dumps({"type": "eval", "step": step, **result}) + "\n")
         metrics.flush()
         ui.err.print(f"step {step}: eval loss {result['eval_loss']:.4f} (ppl {result['eval_ppl']:.2f})")
 
 
-def _checkpoint(run_dir, step, model, optimizer, scheduler, state, cfg, fingerprints, w) -> None:
-    if w.is_main and state.get("saved_step") != step:
+def _checkpoint(run_dir, step, model, engine, optimizer, scheduler, state, cfg, fingerprints) -> None:
+    if state.get("saved_step") != step:  # collective: every rank decides alike
         state["saved_step"] = step
-        save_checkpoint(run_dir, step, model, optimizer, scheduler, {**state, "step": step}, cfg,
+        save_checkpoint(run_dir, step, model, engine, optimizer, scheduler, {**state, "step": step}, cfg,
                         fingerprints, cfg.trainer.keep_last)
 
 

@@ -16,7 +16,7 @@ import torch
 from sft_cli.config import SFTConfig
 from sft_cli.data.collate import Collator
 from sft_cli.data.packing import IGNORE_INDEX, mask_example_starts, position_ids
-from sft_cli.model import lm_head, load_model
+from sft_cli.model import CausalLMLoss, load_model
 from sft_cli.train import accumulate_gradients
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def test_step_gradient_does_not_depend_on_the_split(tiny_dir, peft):
         torch.manual_seed(0)  # same LoRA init for every split
         model, _ = load_model(cfg, tokenizer, cfg.model.name_or_path)
         batches = [collate(rows[i * micro:(i + 1) * micro]) for i in range(accum)]
-        loss, targets = accumulate_gradients(model, batches, lm_head(model), None)
+        loss, targets = accumulate_gradients(CausalLMLoss(model), batches)
         grads[(micro, accum)] = (loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     reference_loss, reference = grads[(8, 1)]
     for split, (loss, grad) in grads.items():
