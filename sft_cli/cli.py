@@ -21,6 +21,7 @@ import traceback
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sft_cli.errors import ConfigError, SFTError
@@ -165,10 +166,10 @@ def guarded(body) -> int:
         quiet_libraries()
         return body()
     except ConfigError as exc:
-        err_console.print(f"{rank}[bold red]config error[/] {exc}")
+        err_console.print(f"{rank}[bold red]config error[/] {escape(str(exc))}")
         return exc.exit_code
     except SFTError as exc:
-        err_console.print(f"{rank}[bold red]error[/] {exc}")
+        err_console.print(f"{rank}[bold red]error[/] {escape(str(exc))}")
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print(f"{rank}[yellow]interrupted[/]")
@@ -176,7 +177,7 @@ def guarded(body) -> int:
     except Exception as exc:  # a bug of ours, or a peer rank that died: say so, keep the traceback out of the way
         log = Path(tempfile.gettempdir()) / f"sft-error{'-rank' + os.environ['RANK'] if rank else ''}.log"
         log.write_text(traceback.format_exc())
-        err_console.print(f"{rank}[bold red]internal error[/] {type(exc).__name__}: {str(exc)[:500]}\n"
+        err_console.print(f"{rank}[bold red]internal error[/] {type(exc).__name__}: {escape(str(exc)[:500])}\n"
                           f"  traceback: {log}")
         return 1
 

@@ -117,7 +117,7 @@ def launch(cfg: SFTConfig) -> int:
     _set_worker_threads(nproc)
     ui.err.print(f"launching {nproc} worker(s) x {nnodes} node(s) (node {cfg.trainer.node_rank}, "
                  f"rendezvous {endpoint}) reading {config_path}")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # we report failures ourselves
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we report failures ourselves
     config = LaunchConfig(
         min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc, run_id=_run_id(cfg, endpoint),
         rdzv_backend="c10d", rdzv_endpoint=endpoint,
@@ -126,9 +126,9 @@ def launch(cfg: SFTConfig) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "sft_cli.worker", str(config_path.resolve()))
     except ChildFailedError as exc:
-        for global_rank, failure in sorted(exc.failures.items()):
-            how = f"signal {failure.signal_name()}" if failure.signal else f"exit code {failure.exitcode}"
-            ui.err.print(f"[bold red]error[/] worker rank {global_rank} failed ({how}); the job was stopped.")
+        global_rank, failure = exc.get_first_failure()
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        ui.err.print(f"[bold red]error[/] worker rank {global_rank} failed ({how}); the other workers were stopped.")
         raise SFTError("training failed; the first failing rank's own message is above. "
                        "Re-running the same command resumes from the last checkpoint.") from None
     except SignalException as exc:

@@ -137,14 +137,20 @@ def accumulate_gradients(engine, batches: list[dict], set_lengths=lambda *a: Non
 def _inject_fault(step: int, model) -> None:
     """Fault injection for the reliability tests (env vars, never set in normal use):
     SFT_FAULT_NAN_STEPS=3,4 poisons those steps' gradients; SFT_FAULT_KILL_STEP=5 SIGKILLs the
-    process after step 5's backward, before its update (a crash mid-step)."""
+    process after step 5's backward, before its update (a crash mid-step); SFT_FAULT_KILL_RANK=1
+    limits the kill to that rank of a multi-process job; SFT_FAULT_KILL_GROUP=1 also SIGKILLs the
+    parent's process group (the launcher and its torchrun agent): with every rank doing so, the
+    whole job dies at once."""
     import os
 
     if str(step) in os.environ.get("SFT_FAULT_NAN_STEPS", "").split(","):
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.fill_(float("nan"))
-    if os.environ.get("SFT_FAULT_KILL_STEP") == str(step):
+    rank_matches = os.environ.get("SFT_FAULT_KILL_RANK", str(world().rank)) == str(world().rank)
+    if os.environ.get("SFT_FAULT_KILL_STEP") == str(step) and rank_matches:
+        if os.environ.get("SFT_FAULT_KILL_GROUP") == "1":
+            os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -1,0 +1,479 @@
+"""Benchmark: `sft train` against TRL's SFTTrainer, training throughput and peak memory.
+
+One random-init Llama-architecture model (SmolLM2's real 49,152-token tokenizer, hidden 256,
+4 layers, 4 query / 2 key-value heads, MLP 768, tied embeddings: 15.7M parameters, 3.1M of them
+outside the embedding), one set of seeded synthetic conversations (the generator of
+`sft_cli.bench.prepare`, kept to those that fit max_seq_len 1024 so neither side drops or cuts
+any), full fine-tuning in float32 with SDPA attention, AdamW, lr 2e-4 cosine, clip 1.0, loss on the
+assistant replies (+ their `<|im_end|>`). Three configurations, each a fresh subprocess that reads
+the raw JSONL and does everything itself (tokenize, pack, train), so its peak RSS is a user's:
+
+    ours         python -m sft_cli train recipe=bench.yaml: bfd-packed rows of 1024 tokens,
+                 micro_batch_size R, grad_accum 1 (its own prepare + pack in the same process)
+    trl padded   SFTTrainer, packing=False, per_device_train_batch_size B examples padded to the
+                 longest of the batch; B = R x 1024 x packing efficiency / mean example length, so a
+                 step holds about as many real tokens as ours
+    trl bfd      SFTTrainer, packing=True, packing_strategy="bfd" (padding-free: the R rows of a
+                 batch are flattened into one sequence with restarting position_ids)
+
+Same on every side: steps, seed, max_seq_len, bf16=False and gradient_checkpointing=False (TRL's
+SFTConfig defaults to both), no eval, no checkpoints in between (ours writes its final one after the
+last step, outside the timing), no dataloader workers, one data-preparation process, the same
+thread count (OMP_NUM_THREADS / MKL_NUM_THREADS, default: every core). TRL trains on the
+assistant replies through `assistant_only_loss=True` with `{% generation %}` markers added to a copy
+of the chat template (TRL requires them; the text renders identically).
+
+Measured per run: real (non-padding) tokens per second over the steps after the first `--warmup`
+(ours: `tokens` and cumulative `elapsed_s` of run_dir/metrics.jsonl; TRL: a subclass counting each
+batch's attention_mask sum, or its length when padding-free, and a callback taking the time at every
+step end), so tokenizing, packing, model load and the first steps stay out of it; the process's peak
+RSS (`wait4`, exact) and the process tree's (psutil, sampled every 50 ms); wall time. The rounds are
+interleaved (ours, TRL padded, TRL bfd, ours, ...) and each configuration keeps its fastest round,
+since the machine may be shared. Model FLOPs utilization = achieved model FLOP/s / this machine's
+float32 matmul FLOP/s (torch.mm of 2048 x 2048 matrices, best of several, same thread count), with
+
+    model FLOPs per step = 6 x (non-embedding params + vocab x hidden) x real tokens
+                           + 6 x layers x (heads x head_dim) x sum over examples of n_i^2
+
+(6N for the weight matmuls, the LM head counted on every token; causal attention QK^T and AV,
+forward + backward, each example attending to itself only; the per-token attention term is the data
+set's mean, the same for every side). FLOPs spent on padding or masked-out attention are not counted.
+
+    python -m sft_cli.bench.train              # 3 configurations x 2 rounds, ~10 minutes on 2 cores (make bench-train)
+    python -m sft_cli.bench.train --quick      # one round, fewer steps
+    python -m sft_cli.bench.train --rounds 3 --steps 8 --rows-per-step 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sft_cli.bench import REPO, markdown, write_section
+
+MAX_SEQ_LEN = 1024
+SEED = 42
+LR = 2e-4
+MODEL_SHAPE = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "head_dim": 64, "intermediate_size": 768}
+SIDES = ("ours", "trl padded", "trl bfd")
+
+
+# -- setup ----------------------------------------------------------------------------------------
+def build_model(out_dir: Path, tokenizer_dir: str) -> dict:
+    """A random-init Llama (MODEL_SHAPE, tied embeddings as SmolLM2) + the tokenizer's files, float32."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(tokenizer), max_position_embeddings=2 * MAX_SEQ_LEN, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **MODEL_SHAPE)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (Path(tokenizer_dir) / name).exists():
+            shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+    embedding = model.get_input_embeddings().weight.numel()
+    return {"params": sum(p.numel() for p in model.parameters()), "embedding_params": embedding,
+            "vocab": len(tokenizer)}
+
+
+def make_data(path: Path, rows: int, tokenizer_dir: str) -> dict:
+    """`rows` generated conversations, those longer than MAX_SEQ_LEN tokens left out (ours would drop
+    them, TRL would truncate them); returns the token statistics of what is kept."""
+    from transformers import AutoTokenizer
+
+    from sft_cli.bench.prepare import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    raw = path.with_suffix(".raw.jsonl")
+    generate(raw, rows)
+    lengths = []
+    with open(raw) as src, open(path, "w") as out:
+        for line in src:
+            ids = tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=True, return_dict=False)
+            if len(ids) <= MAX_SEQ_LEN:
+                out.write(line)
+                lengths.append(len(ids))
+    raw.unlink()
+    lengths = np.array(lengths, dtype=np.int64)
+    return {"generated": rows, "kept": len(lengths), "tokens": int(lengths.sum()), "mean_len": float(lengths.mean()),
+            "sum_sq": float((lengths.astype(np.float64) ** 2).sum())}
+
+
+def matmul_flops(threads: int) -> float:
+    """This machine's float32 matmul FLOP/s: torch.mm of 2048 x 2048 matrices, best of 10 x 3 calls."""
+    import torch
+
+    torch.set_num_threads(threads)
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        for _ in range(3):
+            torch.mm(a, b)
+        best = min(best, (time.perf_counter() - start) / 3)
+    return 2 * n ** 3 / best
+
+
+# -- measurement ----------------------------------------------------------------------------------
+def measure(cmd: list[str], cwd: Path, log: Path, env: dict) -> dict:
+    """Run `cmd`; wall seconds, the process's peak RSS (wait4: exact) and the process tree's summed RSS
+    (psutil, sampled every 50 ms)."""
+    import psutil
+
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    peak_tree, done = [0], threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not done.wait(0.05):
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak_tree[0] = max(peak_tree[0], sum(p.memory_info().rss for p in tree))
+            except psutil.Error:
+                pass
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)  # also returns the child's rusage: its exact peak RSS
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"benchmark command failed (exit {code}): {' '.join(cmd)}\n" + log.read_text()[-4000:])
+    return {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024, "tree_rss_mb": peak_tree[0] / 2**20}
+
+
+def throughput(steps: list[dict], warmup: int) -> dict:
+    """Tokens/s over the steps after `warmup`; each step: tokens, loss_tokens, positions, end (cumulative s)."""
+    timed = steps[warmup:]
+    seconds = timed[-1]["end"] - steps[warmup - 1]["end"] if warmup else timed[-1]["end"]
+    tokens = sum(s["tokens"] for s in timed)
+    return {"steps": len(steps), "timed_steps": len(timed), "timed_s": seconds, "tokens_per_s": tokens / seconds,
+            "tokens_per_step": tokens / len(timed),
+            "loss_tokens_per_step": sum(s["loss_tokens"] for s in timed) / len(timed),
+            "positions_per_step": sum(s["positions"] for s in timed) / len(timed),
+            "step_s": seconds / len(timed)}
+
+
+RECIPE = """# @package _global_
+# sft_cli.bench.train: full fine-tuning, float32, SDPA, bfd packing, no eval, no checkpoints in between.
+defaults:
+  - override /peft: none
+max_seq_len: {max_seq_len}
+seed: {seed}
+model: {{name_or_path: {model}, dtype: float32, attn_implementation: sdpa}}
+data:
+  sources: [{{path: {data}, format: messages}}]
+  loss_on: assistant
+  eval_fraction: 0.0
+  num_proc: 1
+pack: {{strategy: bfd}}
+optim: {{lr: {lr}, schedule: cosine, warmup_steps: 0, weight_decay: 0.0, max_grad_norm: 1.0}}
+trainer: {{micro_batch_size: {rows}, grad_accum: 1, max_steps: {steps}, save_every: 0, eval_every: 0, log_every: 1}}
+"""
+
+
+def run_ours(spec: dict, tmp: Path, env: dict, name: str) -> dict:
+    from sft_cli.data.sampler import StepPlan
+
+    recipe = tmp / "bench.yaml"
+    recipe.write_text(RECIPE.format(max_seq_len=MAX_SEQ_LEN, seed=SEED, model=spec["model"], data=spec["data"],
+                                    lr=LR, rows=spec["rows"], steps=spec["steps"]))
+    run_dir = tmp / name
+    cmd = [sys.executable, "-m", "sft_cli", "train", f"recipe={recipe}", f"run_dir={run_dir}"]
+    result = measure(cmd, tmp, tmp / f"{name}.log", env)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for r in records if "tokens" in r]
+    # Positions computed per step: the collator pads each micro-batch to its longest packed row.
+    import datasets
+
+    rows = datasets.load_from_disk(str(run_dir / "packed"))["train"]
+    lengths = [sum(s) for s in rows["seq_lens"]]
+    plan = StepPlan(len(rows), spec["rows"], 1, 1, SEED)
+    steps = []
+    for i, r in enumerate(records):
+        batch = [lengths[j] for mb in plan.micro_batches(i, 0) for j in mb]
+        steps.append({"tokens": r["tokens"], "loss_tokens": r["loss_tokens"], "end": r["elapsed_s"],
+                      "positions": max(batch) * len(batch)})
+    shutil.rmtree(run_dir)
+    return {**result, **throughput(steps, spec["warmup"])}
+
+
+def run_trl(spec: dict, tmp: Path, env: dict, name: str, packed: bool) -> dict:
+    out_json = tmp / f"{name}.json"
+    worker = {**spec, "packed": packed, "output_dir": str(tmp / name), "result": str(out_json),
+              "batch": spec["rows"] if packed else spec["padded_batch"]}
+    cmd = [sys.executable, "-m", "sft_cli.bench.train", "--trl-worker", json.dumps(worker)]
+    result = measure(cmd, tmp, tmp / f"{name}.log", env)
+    steps = json.loads(out_json.read_text())["steps"]
+    shutil.rmtree(tmp / name, ignore_errors=True)
+    return {**result, **throughput(steps, spec["warmup"])}
+
+
+def trl_worker(spec: dict) -> None:
+    """In a subprocess: TRL's SFTTrainer on the raw JSONL, as a user would run it; writes per-step
+    real tokens, loss tokens, computed positions and step-end times to spec["result"]."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    tokenizer.chat_template = Path(spec["template"]).read_text()
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
+    steps: list[dict] = []
+    pending = {"tokens": 0, "loss_tokens": 0, "positions": 0}
+
+    class CountingTrainer(SFTTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            mask = inputs.get("attention_mask")
+            ids = inputs["input_ids"]
+            # Padding-free batches have no mask: one flattened sequence, every position a real token.
+            pending["tokens"] += int(mask.sum()) if mask is not None else ids.numel()
+            pending["positions"] += ids.numel()
+            pending["loss_tokens"] += int((inputs["labels"][:, 1:] != -100).sum())
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append({**pending, "end": time.perf_counter() - self.start})
+            pending.update(tokens=0, loss_tokens=0, positions=0)
+
+    args = SFTConfig(
+        output_dir=spec["output_dir"], max_length=MAX_SEQ_LEN, packing=spec["packed"], packing_strategy="bfd",
+        assistant_only_loss=True, per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
+        max_steps=spec["steps"], learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, seed=SEED, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+        dataloader_num_workers=0, dataset_num_proc=None, report_to="none", logging_steps=1,
+        save_strategy="no", eval_strategy="no")
+    dataset = datasets.load_dataset("json", data_files=spec["data"], split="train")
+    trainer = CountingTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                              callbacks=[StepClock()])
+    trainer.train()
+    Path(spec["result"]).write_text(json.dumps({"steps": steps}))
+
+
+# -- the benchmark --------------------------------------------------------------------------------
+def benchmark(args, console) -> dict:
+    from transformers import AutoTokenizer
+
+    from sft_cli.bench.prepare import marked_template, pick_model
+
+    threads = args.threads or os.cpu_count() or 1
+    tokenizer_name, tokenizer_dir, note = pick_model()
+    if note:
+        console.print(f"[yellow]{note}[/]")
+    tmp = Path(tempfile.mkdtemp(prefix="sft-bench-train-"))
+    try:
+        model_dir = tmp / "model"
+        model = build_model(model_dir, tokenizer_dir)
+        data = tmp / "chats.jsonl"
+        stats = make_data(data, args.conversations, tokenizer_dir)
+        with open(data) as handle:
+            sample = [json.loads(line)["messages"] for line, _ in zip(handle, range(500))]
+        marked = marked_template(AutoTokenizer.from_pretrained(tokenizer_dir), sample)
+        if marked is None:
+            raise SystemExit("could not add {% generation %} markers to the chat template (TRL's assistant_only_loss)")
+        template = tmp / "marked.jinja"
+        template.write_text(marked)
+        peak = matmul_flops(threads)
+        console.print(f"model: {model['params']:,} params ({model['embedding_params']:,} embedding), vocab "
+                      f"{model['vocab']:,}; data: {stats['kept']:,} conversations, mean {stats['mean_len']:.0f} "
+                      f"tokens; float32 matmul peak {peak / 1e9:.1f} GFLOP/s on {threads} threads")
+        # TRL padded: as many examples per step as hold about the real tokens of R packed rows
+        # (bfd fills ~99% of each row with these lengths).
+        padded_batch = max(1, round(args.rows_per_step * MAX_SEQ_LEN * 0.99 / stats["mean_len"]))
+        spec = {"model": str(model_dir), "data": str(data), "template": str(template), "rows": args.rows_per_step,
+                "padded_batch": padded_batch, "steps": args.steps + args.warmup, "warmup": args.warmup}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+               "TQDM_DISABLE": "1"}
+        runs = {"ours": lambda name: run_ours(spec, tmp, env, name),
+                "trl padded": lambda name: run_trl(spec, tmp, env, name, packed=False),
+                "trl bfd": lambda name: run_trl(spec, tmp, env, name, packed=True)}
+        best: dict[str, dict] = {}
+        for attempt in range(args.rounds):
+            for side in SIDES:
+                cache = Path(tempfile.mkdtemp(prefix="cache-", dir=tmp))  # cold datasets cache every run
+                console.print(f"[{attempt + 1}/{args.rounds}] {side} ...")
+                env["HF_DATASETS_CACHE"] = str(cache)
+                result = runs[side](f"{side.replace(' ', '-')}-{attempt}")
+                shutil.rmtree(cache, ignore_errors=True)
+                console.print(f"  {result['tokens_per_s']:,.0f} tokens/s ({result['step_s']:.2f} s/step), "
+                              f"peak RSS {result['rss_mb']:,.0f} MB, {result['wall_s']:.0f} s wall")
+                # Throughput: the fastest round. Memory: the highest peak of any round (it barely moves).
+                rss = max(result["rss_mb"], best.get(side, {}).get("rss_mb", 0.0))
+                tree = max(result["tree_rss_mb"], best.get(side, {}).get("tree_rss_mb", 0.0))
+                if side not in best or result["tokens_per_s"] > best[side]["tokens_per_s"]:
+                    best[side] = result
+                best[side].update(rss_mb=rss, tree_rss_mb=tree)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    layers, heads, head_dim = (MODEL_SHAPE[k] for k in ("num_hidden_layers", "num_attention_heads", "head_dim"))
+    flops_per_token = (6 * (model["params"] - model["embedding_params"] + model["vocab"] * MODEL_SHAPE["hidden_size"])
+                       + 6 * layers * heads * head_dim * stats["sum_sq"] / stats["tokens"])
+    return {"results": best, "model": model, "data": stats, "peak": peak, "threads": threads,
+            "flops_per_token": flops_per_token, "padded_batch": padded_batch, "rows": args.rows_per_step, "tokenizer": tokenizer_name,
+            "note": note}
+
+
+# -- report ---------------------------------------------------------------------------------------
+HEADER = ["side", "batch / step", "real tokens / step", "loss tokens / step", "positions / step", "s / step",
+          "tokens/s", "MFU", "peak RSS MB", "tree RSS MB", "wall s"]
+RATIO_HEADER = ["measure", "ours / TRL padded", "goal", "ours / TRL bfd", "goal"]
+
+
+def rows_of(bench: dict) -> list[list[str]]:
+    table = []
+    for side in SIDES:
+        r = bench["results"][side]
+        batch = (f"{bench['padded_batch']} examples" if side == "trl padded" else f"{bench['rows']} rows of {MAX_SEQ_LEN}")
+        mfu = r["tokens_per_s"] * bench["flops_per_token"] / bench["peak"]
+        table.append([side, batch, f"{r['tokens_per_step']:,.0f}", f"{r['loss_tokens_per_step']:,.0f}",
+                      f"{r['positions_per_step']:,.0f}", f"{r['step_s']:.2f}", f"{r['tokens_per_s']:,.0f}",
+                      f"{100 * mfu:.1f}%", f"{r['rss_mb']:,.0f}", f"{r['tree_rss_mb']:,.0f}", f"{r['wall_s']:.0f}"])
+    return table
+
+
+def ratio_rows(bench: dict) -> list[list[str]]:
+    res = bench["results"]
+    ours, padded, packed = res["ours"], res["trl padded"], res["trl bfd"]
+
+    def cell(value: float, goal: float, higher: bool) -> tuple[str, str]:
+        met = value >= goal if higher else value <= goal
+        return f"{value:.2f}x", f"{'>=' if higher else '<='} {goal}x {'met' if met else 'MISSED'}"
+
+    speed = [*cell(ours["tokens_per_s"] / padded["tokens_per_s"], 1.3, True),
+             *cell(ours["tokens_per_s"] / packed["tokens_per_s"], 1.1, True)]
+    rss = [*cell(ours["rss_mb"] / padded["rss_mb"], 0.8, False), *cell(ours["rss_mb"] / packed["rss_mb"], 0.8, False)]
+    return [["real tokens/s", *speed], ["peak RSS", *rss]]
+
+
+def machine() -> str:
+    from sft_cli.bench.prepare import machine as prepare_machine
+
+    return prepare_machine().replace(", trl", ", peft " + _version("peft") + ", trl")
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def section(bench: dict, args, command: str) -> str:
+    m, d = bench["model"], bench["data"]
+    non_embedding = m["params"] - m["embedding_params"]
+    notes = [
+        f"**Model**: random-init Llama, hidden {MODEL_SHAPE['hidden_size']}, {MODEL_SHAPE['num_hidden_layers']} "
+        f"layers, {MODEL_SHAPE['num_attention_heads']} query / {MODEL_SHAPE['num_key_value_heads']} key-value heads, "
+        f"MLP {MODEL_SHAPE['intermediate_size']}, tied embeddings: {m['params']:,} parameters ({non_embedding:,} "
+        f"outside the embedding), tokenizer `{bench['tokenizer']}` (vocab {m['vocab']:,}). float32, SDPA, full "
+        f"fine-tuning, AdamW lr {LR} cosine, clip 1.0, seed {SEED}, max_seq_len {MAX_SEQ_LEN}.",
+        f"**Data**: {d['kept']:,} of {d['generated']:,} synthetic conversations (`sft_cli.bench.prepare`'s seeded "
+        f"generator; those over {MAX_SEQ_LEN} tokens left out), {d['tokens']:,} tokens, mean {d['mean_len']:.0f} "
+        "per conversation. Loss on the assistant replies + their `<|im_end|>` on every side (TRL: "
+        "`assistant_only_loss=True`, `{% generation %}` markers added to a copy of the same template).",
+        f"**Steps**: {args.warmup + args.steps} optimizer steps per run, grad_accum 1; tokens/s over the last "
+        f"{args.steps} (the first {args.warmup} are warm-up), from step end to step end, so it includes "
+        "batching, forward, loss, backward, clipping, the optimizer and per-step logging, and excludes "
+        "startup, tokenizing, packing, model load and the final save. Every run is a fresh process on the raw "
+        f"JSONL; best of {args.rounds} interleaved rounds for speed, highest peak of the rounds for memory.",
+        "**real tokens / step**: non-padding input tokens; **positions / step**: what the model computes "
+        "(padding included): ours pads each micro-batch to its longest packed row, TRL padded pads its "
+        "examples to the longest of the batch, TRL bfd flattens its rows into one padding-free sequence (under "
+        "SDPA its attention then spans the whole flattened batch, masked block-diagonally).",
+        "**peak RSS MB**: the training process's peak resident memory (`wait4`, exact), which includes its own "
+        "tokenizing and packing; **tree RSS MB**: summed over the process and any children (psutil, every 50 ms).",
+        f"**MFU**: model FLOP/s / {bench['peak'] / 1e9:.1f} GFLOP/s, this machine's float32 `torch.mm` "
+        f"(2048 x 2048, best of 10, {bench['threads']} threads, measured in this run). Model FLOPs per real token "
+        f"= 6 x ({non_embedding:,} non-embedding + {m['vocab']:,} x {MODEL_SHAPE['hidden_size']} LM-head "
+        f"parameters) + 6 x {MODEL_SHAPE['num_hidden_layers']} layers x "
+        f"{MODEL_SHAPE['num_attention_heads'] * MODEL_SHAPE['head_dim']} x (sum of n_i^2 / sum of n_i over the "
+        f"data's examples, causal attention within each example) = {bench['flops_per_token'] / 1e6:.1f} MFLOP; "
+        "padding and masked attention are not counted.",
+        f"Threads: OMP_NUM_THREADS = MKL_NUM_THREADS = {bench['threads']} on every side; no dataloader workers; "
+        "one data-preparation process; bf16=False, gradient_checkpointing=False (TRL's SFTConfig defaults to "
+        "True for both), no eval, no checkpoints, report_to none, logging every step on both sides.",
+    ] + ([f"**Note:** {bench['note']}"] if bench["note"] else [])
+    return "\n".join([
+        "## train", "",
+        "`sft train` against TRL's `SFTTrainer` on the same model, data, max_seq_len, steps and about the same "
+        "real tokens per step: ours with bfd-packed rows, TRL without packing (examples padded per batch) and "
+        "TRL with `packing=True, packing_strategy=\"bfd\"` (padding-free).", "",
+        *(f"- {n}" for n in notes), "",
+        markdown(HEADER, rows_of(bench)), "",
+        "Ratios against the goals (tokens/s: higher is better; peak RSS: lower is better):", "",
+        markdown(RATIO_HEADER, ratio_rows(bench)), "",
+        f"Command: `{command}` (`make bench-train`).", "",
+        f"Machine: {machine()}.", ""])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sft_cli.bench.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each side keeps its fastest")
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps before them")
+    parser.add_argument("--rows-per-step", type=int, default=2, help=f"packed rows of {MAX_SEQ_LEN} tokens per step")
+    parser.add_argument("--conversations", type=int, default=1000, help="generated before the length filter")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on every side (0 = every core)")
+    parser.add_argument("--quick", action="store_true", help="one round, 3 timed steps")
+    parser.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: one TRL run, JSON spec
+    args = parser.parse_args(argv)
+    if args.trl_worker:
+        return trl_worker(json.loads(args.trl_worker))
+    if args.quick:
+        args.rounds, args.steps = 1, 3
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    bench = benchmark(args, console)
+    for title, header, body in (("sft train vs TRL SFTTrainer", HEADER, rows_of(bench)),
+                                ("ratios vs goals", RATIO_HEADER, ratio_rows(bench))):
+        table = Table(title=title)
+        for column in header:
+            table.add_column(column, justify="left" if column in ("side", "measure", "batch / step") else "right")
+        for row in body:
+            table.add_row(*row)
+        console.print(table)
+    defaults = {"rounds": 2, "steps": 4, "warmup": 1, "rows_per_step": 2, "conversations": 1000, "threads": 0}
+    command = "python -m sft_cli.bench.train" + ("".join(
+        f" --{k.replace('_', '-')} {getattr(args, k)}" for k, v in defaults.items() if getattr(args, k) != v)
+        if not args.quick else " --quick")
+    write_section(REPO / "BENCHMARKS.md", "train", section(bench, args, command))
+    console.print(f"wrote the train section of {REPO / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
