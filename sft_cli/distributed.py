@@ -49,7 +49,7 @@ def device() -> torch.device:
 @contextlib.contextmanager
 def process_group():
     """Join the job torchrun started (if any) for the duration of the block."""
-    joined = launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+    joined = launched_by_torchrun() and not dist.is_initialized()
     if joined:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
@@ -95,8 +95,8 @@ def _collective_device() -> torch.device:
 def wrap(module: torch.nn.Module, strategy: str, layers: list[torch.nn.Module], param_dtype: torch.dtype | None):
     """DDP (replicated weights, all-reduced gradients) or FSDP2 (`fully_shard`: each decoder layer
     its own shard group, then the root), or the module itself in a single process."""
-    if world().world_size == 1:
-        return module
+    if not (dist.is_available() and dist.is_initialized()):
+        return module  # one plain process; under torchrun even one rank is wrapped (same code path as N)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

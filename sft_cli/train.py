@@ -191,7 +191,8 @@ def train(cfg: SFTConfig) -> int:
 
     # Model -> loss module -> DDP / FSDP2 (or nothing in one process) -> optimizer.
     model, info = load_model(cfg, tokenizer, cfg.model.name_or_path)
-    info["parallel"] = parallel_strategy(cfg, info["total_params"]) if w.world_size > 1 else "none"
+    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+    info["parallel"] = parallel_strategy(cfg, info["total_params"]) if joined else "none"
     if info["parallel"] == "fsdp":
         model.to(torch.float32)  # FSDP2 keeps float32 master weights, computes in model.dtype (its policy)
     model.to(device())

@@ -156,3 +156,14 @@ def test_a_rendezvous_port_in_use_is_a_config_error(data, tmp_path):
         job = start(args(data, tmp_path / "port", "trainer.nproc=2", f"trainer.rdzv_endpoint=127.0.0.1:{port}"))
         _, err = job.communicate(timeout=300)
     assert job.returncode == 2 and "trainer.rdzv_endpoint" in err and "in use" in err
+
+
+def test_an_outer_torchrun_is_joined_not_spawned_again(data, tmp_path, ddp_pair):
+    env = {**os.environ, "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "sft_cli",
+                             *args(data, tmp_path / "outer")], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "launching" not in result.stderr  # joined torchrun's job instead of starting workers of its own
+    _, two, _ = ddp_pair
+    assert_close(losses(tmp_path / "outer"), losses(two))
