@@ -223,3 +223,12 @@ def print_train_summary(lines: list[dict], run_dir: Path) -> None:
         table.add_row(str(r["step"]), f"{r['loss']:.4f}", f"{r['lr']:.2e}", f"{r['grad_norm']:.3f}",
                       f"{r['tokens_per_sec']:,.0f}", f"{eval_at[r['step']]:.4f}" if r["step"] in eval_at else "")
     out.print(table)
+    quarter = max(len(steps) // 4, 1)
+    if len(steps) >= 4:
+        # Per-step losses are noisy (each step is a few rows); the trend is what matters.
+        first = sum(r["loss"] for r in steps[:quarter]) / quarter
+        last = sum(r["loss"] for r in steps[-quarter:]) / quarter
+        tokens = sum(r["tokens"] for r in steps)
+        seconds = steps[-1]["elapsed_s"]
+        out.print(f"train loss, mean of the first {quarter} steps -> last {quarter}: {first:.4f} -> {last:.4f}; "
+                  f"{tokens:,} tokens in {seconds:,.0f} s ({tokens / max(seconds, 1e-9):,.0f} tokens/s)")

@@ -45,6 +45,7 @@ from sft_cli.distributed import (
 )
 from sft_cli.errors import ConfigError, SFTError
 from sft_cli.loss import count_targets
+from sft_cli.metrics import MetricsLog
 from sft_cli.model import CausalLMLoss, decoder_layers, load_model, pick_dtype
 from sft_cli.neftune import neftune
 from sft_cli.plot import loss_curve_png
@@ -108,6 +109,12 @@ class Stop:
 def forward_loss(engine, batch: dict) -> torch.Tensor:
     """Summed CE of one micro-batch through `engine` (CausalLMLoss, maybe DDP/FSDP-wrapped)."""
     return engine(batch["input_ids"], batch["position_ids"], batch["labels"])
+
+
+def row_lengths(rows: datasets.Dataset) -> list[int]:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(rows.data.column("input_ids")).to_numpy().tolist()
 
 
 def to_device(batch: dict, where: torch.device) -> dict:
@@ -204,7 +211,7 @@ def train(cfg: SFTConfig) -> int:
     eval_rows = splits["eval"].select_columns(rows.column_names) if "eval" in splits else None
     unpacked = cfg.pack.strategy == "none"
     plan = StepPlan(len(rows), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, w.world_size, cfg.seed,
-                    lengths=[len(x) for x in rows["input_ids"]] if unpacked else None)
+                    lengths=row_lengths(rows) if unpacked else None)
     if plan.steps_per_epoch == 0:
         raise ConfigError("trainer.micro_batch_size", f"{len(rows)} packed rows cannot fill one step of "
                           f"{plan.micro_batches_per_step} micro-batches", "lower micro_batch_size or grad_accum")
@@ -236,7 +243,7 @@ def train(cfg: SFTConfig) -> int:
     stop, started = Stop(), time.perf_counter() - state["elapsed_s"]
     save = lambda: _checkpoint(run_dir, step, model, engine, optimizer, scheduler, state, cfg, fingerprints)  # noqa: E731
     with neftune(model, cfg.trainer.neftune_alpha) as set_lengths, ui.train_progress(total_steps, step, w) as bar, \
-            open(metrics_path, "a") as metrics:
+            MetricsLog(run_dir, enabled=w.is_main) as metrics:
         stopping = False
         while step < total_steps and not stopping:
             step_started = time.perf_counter()
@@ -268,9 +275,8 @@ def train(cfg: SFTConfig) -> int:
                       "grad_norm": grad_norm, "tokens": tokens, "loss_tokens": int(step_targets),
                       "tokens_per_sec": tokens / max(time.perf_counter() - step_started, 1e-9),
                       "elapsed_s": round(state["elapsed_s"], 3)}
+            metrics.write(record)
             if w.is_main:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
                 bar(step, record)
             if eval_rows is not None and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
                 _log_eval(engine, eval_rows, collate, cfg, step, metrics, w)
@@ -282,7 +288,7 @@ def train(cfg: SFTConfig) -> int:
         ui.err.print(f"[yellow]stopped by signal at step {step}; checkpoint saved. Re-run the same command to resume.")
         return stop.code if stop.code is not None else 0
     if eval_rows is not None and not (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
-        with open(metrics_path, "a") as metrics:
+        with MetricsLog(run_dir, enabled=w.is_main) as metrics:
             _log_eval(engine, eval_rows, collate, cfg, step, metrics, w)
     save()
     prepared_report = json.loads((run_dir / "prepared" / "report.json").read_text())
@@ -295,8 +301,7 @@ def train(cfg: SFTConfig) -> int:
 def _log_eval(engine, eval_rows, collate, cfg, step, metrics, w) -> None:
     result = evaluate_loss(engine, eval_rows, collate, cfg.trainer.micro_batch_size)
     if w.is_main:
-        metrics.write(json.dumps({"type": "eval", "step": step, **result}) + "\n")
-        metrics.flush()
+        metrics.write({"type": "eval", "step": step, **result})
         ui.err.print(f"step {step}: eval loss {result['eval_loss']:.4f} (ppl {result['eval_ppl']:.2f})")
 
 

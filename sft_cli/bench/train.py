@@ -39,7 +39,7 @@ float32 matmul FLOP/s (torch.mm of 2048 x 2048 matrices, best of several, same t
 forward + backward, each example attending to itself only; the per-token attention term is the data
 set's mean, the same for every side). FLOPs spent on padding or masked-out attention are not counted.
 
-    python -m sft_cli.bench.train              # 3 configurations x 2 rounds, ~10 minutes on 2 cores (make bench-train)
+    python -m sft_cli.bench.train              # 3 configurations x 3 rounds, ~10 minutes on 2 cores (make bench-train)
     python -m sft_cli.bench.train --quick      # one round, fewer steps
     python -m sft_cli.bench.train --rounds 3 --steps 8 --rows-per-step 4
 """
@@ -328,9 +328,10 @@ def benchmark(args, console) -> dict:
                 # Throughput: the fastest round. Memory: the highest peak of any round (it barely moves).
                 rss = max(result["rss_mb"], best.get(side, {}).get("rss_mb", 0.0))
                 tree = max(result["tree_rss_mb"], best.get(side, {}).get("tree_rss_mb", 0.0))
+                every = best.get(side, {}).get("rounds", []) + [result["tokens_per_s"]]
                 if side not in best or result["tokens_per_s"] > best[side]["tokens_per_s"]:
                     best[side] = result
-                best[side].update(rss_mb=rss, tree_rss_mb=tree)
+                best[side].update(rss_mb=rss, tree_rss_mb=tree, rounds=every)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     layers, heads, head_dim = (MODEL_SHAPE[k] for k in ("num_hidden_layers", "num_attention_heads", "head_dim"))
@@ -343,7 +344,7 @@ def benchmark(args, console) -> dict:
 
 # -- report ---------------------------------------------------------------------------------------
 HEADER = ["side", "batch / step", "real tokens / step", "loss tokens / step", "positions / step", "s / step",
-          "tokens/s", "MFU", "peak RSS MB", "tree RSS MB", "wall s"]
+          "tokens/s", "every round", "MFU", "peak RSS MB", "tree RSS MB", "wall s"]
 RATIO_HEADER = ["measure", "ours / TRL padded", "goal", "ours / TRL bfd", "goal"]
 
 
@@ -355,6 +356,7 @@ def rows_of(bench: dict) -> list[list[str]]:
         mfu = r["tokens_per_s"] * bench["flops_per_token"] / bench["peak"]
         table.append([side, batch, f"{r['tokens_per_step']:,.0f}", f"{r['loss_tokens_per_step']:,.0f}",
                       f"{r['positions_per_step']:,.0f}", f"{r['step_s']:.2f}", f"{r['tokens_per_s']:,.0f}",
+                      ", ".join(f"{x:,.0f}" for x in r["rounds"]),
                       f"{100 * mfu:.1f}%", f"{r['rss_mb']:,.0f}", f"{r['tree_rss_mb']:,.0f}", f"{r['wall_s']:.0f}"])
     return table
 
@@ -438,19 +440,19 @@ def section(bench: dict, args, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sft_cli.bench.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each side keeps its fastest")
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each side keeps its fastest")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps before them")
     parser.add_argument("--rows-per-step", type=int, default=2, help=f"packed rows of {MAX_SEQ_LEN} tokens per step")
     parser.add_argument("--conversations", type=int, default=1000, help="generated before the length filter")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on every side (0 = every core)")
-    parser.add_argument("--quick", action="store_true", help="one round, 3 timed steps")
+    parser.add_argument("--quick", action="store_true", help="one round, 2 timed steps")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: one TRL run, JSON spec
     args = parser.parse_args(argv)
     if args.trl_worker:
         return trl_worker(json.loads(args.trl_worker))
     if args.quick:
-        args.rounds, args.steps = 1, 3
+        args.rounds, args.steps = 1, 2
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -467,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         for row in body:
             table.add_row(*row)
         console.print(table)
-    defaults = {"rounds": 2, "steps": 4, "warmup": 1, "rows_per_step": 2, "conversations": 1000, "threads": 0}
+    defaults = {"rounds": 3, "steps": 3, "warmup": 1, "rows_per_step": 2, "conversations": 1000, "threads": 0}
     command = "python -m sft_cli.bench.train" + ("".join(
         f" --{k.replace('_', '-')} {getattr(args, k)}" for k, v in defaults.items() if getattr(args, k) != v)
         if not args.quick else " --quick")

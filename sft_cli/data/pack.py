@@ -70,7 +70,9 @@ def ensure_packed(cfg: SFTConfig) -> Path:
             report = {"strategy": cfg.pack.strategy, "max_seq_len": cfg.max_seq_len, "splits": {}}
             packed = {}
             for name, split in splits.items():
-                rows = plan_rows(split["num_tokens"], cfg.pack.strategy, cfg.max_seq_len, cfg.seed)
+                # The Arrow column as one numpy array: indexing split["num_tokens"] reads row by row.
+                lengths = split.data.column("num_tokens").to_numpy()
+                rows = plan_rows(lengths, cfg.pack.strategy, cfg.max_seq_len, cfg.seed)
                 packed[name], report["splits"][name] = _write_split(split, rows, cfg.max_seq_len,
                                                                     tmp / f".{name}.arrow")
             datasets.DatasetDict(packed).save_to_disk(str(tmp))
