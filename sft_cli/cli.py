@@ -92,6 +92,17 @@ def _stage_recipes(overrides: list[str], workdir: Path) -> list[str]:
     return staged
 
 
+def _saved_run_as_recipe(verb: str, overrides: list[str]) -> list[str]:
+    """`sft evaluate run_dir=DIR` / `sft merge-lora run_dir=DIR`: with no recipe given, the run's
+    saved config.yaml is the recipe, so no other flag is needed."""
+    if verb not in ("evaluate", "merge-lora") or any(arg.startswith("recipe=") for arg in overrides):
+        return overrides
+    run_dirs = [arg.split("=", 1)[1] for arg in overrides if arg.startswith("run_dir=")]
+    if run_dirs and (Path(run_dirs[-1]) / "config.yaml").is_file():
+        return [f"recipe={Path(run_dirs[-1]) / 'config.yaml'}", *overrides]
+    return overrides
+
+
 def _schema_keys() -> list[str]:
     """Every dotted key of the schema (data.sources entries are checked by Hydra itself)."""
     from dataclasses import fields, is_dataclass
@@ -218,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     exit_codes: list[int] = []
     try:
         try:
+            overrides = _saved_run_as_recipe(verb, overrides)
             _check_override_keys(overrides)
             hydra_args = _stage_recipes(overrides, workdir)
         except ConfigError as exc:

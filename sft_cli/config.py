@@ -187,6 +187,41 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    model: str | None = None
+    """What to evaluate: null = run_dir/final; or a checkpoint folder, an adapter folder, any HF model path."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Other data to evaluate on (prepared like training data); empty = the run's eval split."""
+    prompts: str | None = None
+    """JSONL of prompts for generations ({"messages": [...]} or {"prompt": "..."}); null = eval split prompts."""
+    num_prompts: int = 16
+    """Prompts to generate replies for."""
+    max_new_tokens: int = 128
+    """Generation length limit; replies that hit it are counted as not stopping on their own."""
+    temperature: float = 0.7
+    """Sampling temperature for the sampled replies (greedy replies are also generated)."""
+    top_p: float = 0.9
+    """Nucleus sampling threshold for the sampled replies."""
+    general_text: str | None = None
+    """Plain-text JSONL ({"text": ...}) for the forgetting check; null = the run's text sources, else
+    the shipped general-text sample."""
+    compare_base: bool = True
+    """Also evaluate the base model (forgetting, diversity: base vs tuned in one report)."""
+    micro_batch_size: int = 4
+    """Packed rows per forward pass."""
+    harness_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks to run when the package is installed (e.g. [hellaswag])."""
+
+
+@dataclass
+class MergeConfig:
+    force: bool = False
+    """Overwrite an existing run_dir/merged/."""
+    max_shard_size: str = "2GB"
+    """safetensors shard size of the merged model."""
+
+
+@dataclass
 class SFTConfig:
     run_dir: str = "runs/default"
     """Every artifact of a run lives here: prepared/ packed/ checkpoints/ final/ eval/ merged/."""
@@ -202,6 +237,8 @@ class SFTConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
 
 
 # run_dir sub-folders: the public layout of a run (see README).
@@ -221,3 +258,16 @@ def load_config(path: str) -> SFTConfig:
 
     merged = OmegaConf.merge(OmegaConf.structured(SFTConfig), OmegaConf.load(path))
     return OmegaConf.to_object(merged)
+
+
+def run_config(cfg: SFTConfig) -> SFTConfig:
+    """evaluate / merge-lora: the config the run was trained with (run_dir/config.yaml), with only
+    the eval.* and merge.* keys taken from this command. Without a saved config, `cfg` itself."""
+    from pathlib import Path
+
+    saved = Path(cfg.run_dir) / "config.yaml"
+    if not saved.is_file():
+        return cfg
+    run = load_config(str(saved))
+    run.eval, run.merge, run.run_dir = cfg.eval, cfg.merge, cfg.run_dir
+    return run
