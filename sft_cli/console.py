@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -232,3 +233,30 @@ def print_train_summary(lines: list[dict], run_dir: Path) -> None:
         seconds = steps[-1]["elapsed_s"]
         out.print(f"train loss, mean of the first {quarter} steps -> last {quarter}: {first:.4f} -> {last:.4f}; "
                   f"{tokens:,} tokens in {seconds:,.0f} s ({tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+
+
+def print_eval_report(report: dict, generations: list[dict], folder: Path) -> None:
+    """Base vs tuned side by side, per-source losses, and a few sample replies."""
+    from sft_cli.plot import COMPARED
+
+    models = report["models"]
+    table = Table(title=f"sft evaluate -> {folder}  ({report['target']})", title_justify="left")
+    table.add_column("metric")
+    for name in models:
+        table.add_column(name, justify="right")
+
+    def value(model: dict, key: str):
+        return model.get(key, model.get("generation", {}).get(key))
+
+    for key, label in COMPARED + (("ppl", "eval perplexity"),):
+        table.add_row(label, *[f"{value(m, key):.4f}" if value(m, key) is not None else "" for m in models.values()])
+    for source in models["tuned"]["by_source"]:
+        table.add_row(f"loss ({escape(source)})", *[f"{m['by_source'].get(source, {}).get('loss', float('nan')):.4f}"
+                                            for m in models.values()])
+    out.print(table)
+    for row in [g for g in generations if g["mode"] == "greedy"][:4]:
+        prompt = " ".join(row["prompt"].split())[-100:]
+        out.print(f"[bold]{row['model']}[/] [dim]{escape(prompt)}[/]\n  -> "
+                  f"{escape(row['reply'][:300])}{'' if row['stopped'] else ' [yellow](hit max_new_tokens)[/]'}")
+    out.print(f"report: {folder / 'report.json'}  generations: {folder / 'generations.jsonl'}  "
+              f"picture: {folder / 'comparison.png'}")

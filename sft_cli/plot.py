@@ -1,4 +1,5 @@
-"""A loss-curve PNG with no plotting library: train loss (blue), eval loss (orange dots).
+"""PNGs with no plotting library: the loss curve (train loss blue, eval loss orange dots) and
+the base-vs-tuned comparison of `sft evaluate` (grouped bars, base grey, tuned blue).
 
 Pixels are drawn into a byte grid and written as a PNG with zlib: enough to see whether
 the loss falls, with the numbers themselves in metrics.jsonl.
@@ -63,6 +64,35 @@ def loss_curve_png(train: list[tuple[float, float]], evals: list[tuple[float, fl
                 for dy in range(-3, 4):
                     if dx * dx + dy * dy <= 9:
                         put(cx + dx, cy + dy, ORANGE)
+    tmp = Path(path).with_suffix(".png.tmp")
+    tmp.write_bytes(_png(pixels))
+    tmp.replace(path)
+
+
+COMPARED = (("loss", "eval loss"), ("token_accuracy", "token accuracy"), ("forgetting_ppl", "general-text ppl"),
+            ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("mean_reply_tokens", "reply length"),
+            ("stopped_on_own", "stops on its own"))
+
+
+def comparison_png(models: dict, path: Path) -> None:
+    """One pair of bars per metric (left to right as in COMPARED), each pair scaled to its larger value."""
+    pixels = [bytearray(WHITE * WIDTH) for _ in range(HEIGHT)]
+    tuned, base = models.get("tuned", {}), models.get("base", {})
+
+    def value(model: dict, key: str) -> float:
+        return float(model.get(key, model.get("generation", {}).get(key, 0.0)) or 0.0)
+
+    slot = (WIDTH - 2 * MARGIN) // len(COMPARED)
+    for i, (key, _) in enumerate(COMPARED):
+        pair = [(value(base, key), GREY), (value(tuned, key), BLUE)]
+        top = max(v for v, _ in pair) or 1.0
+        for j, (v, color) in enumerate(pair):
+            height = int((HEIGHT - 2 * MARGIN) * v / top)
+            x0 = MARGIN + i * slot + 6 + j * (slot - 12) // 2
+            for y in range(HEIGHT - MARGIN - height, HEIGHT - MARGIN):
+                pixels[y][3 * x0:3 * (x0 + (slot - 12) // 2 - 2)] = bytes(color) * ((slot - 12) // 2 - 2)
+    for x in range(MARGIN, WIDTH - MARGIN):
+        pixels[HEIGHT - MARGIN][3 * x:3 * x + 3] = bytes(GREY)
     tmp = Path(path).with_suffix(".png.tmp")
     tmp.write_bytes(_png(pixels))
     tmp.replace(path)

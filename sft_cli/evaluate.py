@@ -1,0 +1,342 @@
+"""`sft evaluate`: one honest evaluation of a trained run, base vs tuned in one report.
+
+    sft evaluate run_dir=runs/demo                       # run_dir/final on the run's eval split
+    sft evaluate recipe=demo eval.model=runs/demo/checkpoints/step-12 eval.num_prompts=8
+
+What it measures, with the run's own template, masking and packing (read from run_dir/config.yaml):
+  loss / perplexity / token accuracy   on the eval split (or eval.sources), overall and per source
+  generations                          greedy + sampled replies to eval prompts, stopping at end-of-turn;
+                                       how often a reply stops on its own vs hits max_new_tokens
+  forgetting                           perplexity on general text, base vs tuned
+  diversity                            distinct-1 / distinct-2 and mean length of sampled replies, base vs tuned
+
+Writes run_dir/eval/: report.json, generations.jsonl, comparison.png (atomically, manifest last).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sft_cli import console as ui
+from sft_cli.artifacts import atomic_dir, write_json_atomic, write_manifest
+from sft_cli.config import Format, SFTConfig, run_config
+from sft_cli.data.collate import Collator
+from sft_cli.data.packing import IGNORE_INDEX, position_ids
+from sft_cli.errors import ConfigError, SFTError
+from sft_cli.loss import shifted_targets
+from sft_cli.model import decoder, lm_head, pick_attention, pick_dtype
+
+
+def run(cfg: SFTConfig) -> int:
+    from sft_cli.data.pack import ensure_packed
+    from sft_cli.data.prepare import load_prepared_tokenizer
+
+    cfg = run_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    target = Path(cfg.eval.model) if cfg.eval.model else run_dir / "final"
+    if not target.exists():
+        raise SFTError(f"nothing to evaluate at {target}: train first (sft train), or set eval.model to a "
+                       "checkpoint, adapter or model folder")
+    ensure_packed(cfg)
+    tokenizer = load_prepared_tokenizer(run_dir / "prepared")
+    examples = eval_examples(cfg)
+    prompts = eval_prompts(cfg, tokenizer, examples)
+    general = general_text_ids(cfg, tokenizer)
+    stop_ids = stop_token_ids(run_dir, tokenizer)
+
+    report = {"target": str(target), "base": cfg.model.name_or_path, "models": {}}
+    generations = []
+    models = [("tuned", target)] + ([("base", None)] if cfg.eval.compare_base else [])
+    for name, path in models:
+        model = load_for_eval(cfg, tokenizer, path)
+        ui.err.print(f"evaluating {name}: {path or cfg.model.name_or_path}")
+        result = split_metrics(model, examples, cfg.eval.micro_batch_size, max_seq_len=cfg.max_seq_len)
+        result["forgetting_ppl"] = split_metrics(model, general, cfg.eval.micro_batch_size,
+                                                 max_seq_len=cfg.max_seq_len)["ppl"]
+        replies = generate_replies(model, tokenizer, prompts, cfg, stop_ids)
+        result["generation"] = reply_stats(replies)
+        generations += [{"model": name, **r} for r in replies]
+        report["models"][name] = result
+        del model
+    report["harness"] = run_harness(cfg, target)
+    report["comparison"] = compare(report["models"])
+
+    out = run_dir / "eval"
+    with atomic_dir(out) as tmp:
+        write_json_atomic(tmp / "report.json", report)
+        with open(tmp / "generations.jsonl", "w") as handle:
+            for row in generations:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        from sft_cli.plot import comparison_png
+
+        comparison_png(report["models"], tmp / "comparison.png")
+        write_manifest(tmp, "eval", {"stage": "eval", "target": str(target)})
+    ui.print_eval_report(report, generations, out)
+    return 0
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+def eval_examples(cfg: SFTConfig) -> datasets.Dataset:
+    """The prepared examples to score: the run's eval split, or eval.sources prepared like training data."""
+    from sft_cli.data import prepare
+
+    run_dir = Path(cfg.run_dir)
+    if cfg.eval.sources:
+        other = copy.deepcopy(cfg)
+        other.data.sources = [copy.deepcopy(s) for s in cfg.eval.sources]
+        other.data.eval_fraction, other.run_dir = 0.0, str(run_dir / "eval-data")
+        for source in other.data.sources:
+            source.weight = None
+        prepare.run(other)
+        return datasets.load_from_disk(str(run_dir / "eval-data" / "prepared"))["train"]
+    splits = datasets.load_from_disk(str(run_dir / "prepared"))
+    if "eval" not in splits:
+        raise ConfigError("data.eval_fraction", "the run has no eval split",
+                          "set data.eval_fraction > 0 (and re-run prepare) or give eval.sources")
+    return splits["eval"]
+
+
+def eval_prompts(cfg: SFTConfig, tokenizer, examples: datasets.Dataset) -> list[dict]:
+    """[{prompt_ids, prompt, reference}]: eval.prompts (a JSONL of messages or prompt rows) or the
+    eval split's conversations cut before their first trained token (the first assistant reply)."""
+    wanted = cfg.eval.num_prompts
+    prompts = []
+    if cfg.eval.prompts:
+        path = Path(cfg.eval.prompts)
+        if not path.is_file():
+            raise ConfigError("eval.prompts", f"file not found: {path}", "give a JSONL of {messages: [...]} rows")
+        for line in path.read_text().splitlines()[:wanted]:
+            row = json.loads(line)
+            messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+            if messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+            prompts.append({"prompt_ids": list(ids), "reference": None})
+    else:
+        for row in examples.select_columns(["input_ids", "labels"]):
+            labels = np.asarray(row["labels"])
+            trained = np.flatnonzero(labels != IGNORE_INDEX)
+            if len(trained) == 0 or trained[0] < 2 or len(trained) == len(labels) - 1:
+                continue  # plain text (everything trained): no prompt to answer
+            first = int(trained[0])
+            end = first + int(np.argmax(labels[first:] == IGNORE_INDEX)) if (labels[first:] == IGNORE_INDEX).any() \
+                else len(labels)
+            prompts.append({"prompt_ids": row["input_ids"][:first], "reference": tokenizer.decode(row["input_ids"][first:end])})
+            if len(prompts) == wanted:
+                break
+    for p in prompts:
+        p["prompt"] = tokenizer.decode(p["prompt_ids"])
+    return prompts
+
+
+def general_text_ids(cfg: SFTConfig, tokenizer, limit: int = 64) -> list[dict]:
+    """General text for the forgetting check, as examples with loss on every token: eval.general_text,
+    else the held-out eval examples of the run's `text` sources, else the shipped news sample."""
+    from sft_cli.assets import asset_path
+
+    texts_sources = [s for s in cfg.data.sources if s.format == Format.text]
+    if cfg.eval.general_text is None and texts_sources:
+        names = {s.name or Path(s.path).stem for s in texts_sources}
+        held_out = eval_examples(cfg) if not cfg.eval.sources else None
+        if held_out is not None and "source" in held_out.column_names:
+            rows = [r for r in held_out.select_columns(["input_ids", "source"]) if r["source"] in names][:limit]
+            if rows:
+                return [_all_trained(r["input_ids"]) for r in rows]
+    path = Path(cfg.eval.general_text or asset_path("data/general_text.jsonl"))
+    if not path.is_file():
+        raise ConfigError("eval.general_text", f"file not found: {path}", "give a JSONL of {text: ...} rows")
+    rows = []
+    for line in path.read_text().splitlines()[:limit]:
+        ids = tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"][:cfg.max_seq_len]
+        if len(ids) >= 2:
+            rows.append(_all_trained(ids))
+    return rows
+
+
+def _all_trained(ids: list[int]) -> dict:
+    return {"input_ids": list(ids), "labels": [IGNORE_INDEX] + list(ids[1:])}
+
+
+def stop_token_ids(run_dir: Path, tokenizer) -> list[int]:
+    report = json.loads((run_dir / "prepared" / "report.json").read_text())
+    return sorted(set(report.get("eot_token_ids", [])) | ({tokenizer.eos_token_id} - {None}))
+
+
+# -- model ---------------------------------------------------------------------------------------
+
+def load_for_eval(cfg: SFTConfig, tokenizer, path: Path | None):
+    """The base (path None), a full model folder, or an adapter folder on top of the base."""
+    from transformers import AutoModelForCausalLM
+
+    from sft_cli.assets import resolve_model
+
+    kwargs = {"dtype": pick_dtype(cfg.model.dtype), "attn_implementation": pick_attention(
+        cfg.model.attn_implementation, training=False), "trust_remote_code": cfg.model.trust_remote_code}
+    is_adapter = path is not None and (Path(path) / "adapter_config.json").is_file()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model(cfg.model.name_or_path) if path is None or is_adapter else str(path), **kwargs)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        if is_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(path))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SFTError(f"cannot load {path or cfg.model.name_or_path}: {str(exc).splitlines()[0][:200]}") from None
+    model.config.use_cache = False
+    return model.eval()
+
+
+# -- loss ----------------------------------------------------------------------------------------
+
+@dataclass
+class Totals:
+    loss: float = 0.0
+    correct: int = 0
+    tokens: int = 0
+    by_source: dict = field(default_factory=dict)
+
+    def add(self, source: str, loss: float, correct: int, tokens: int) -> None:
+        self.loss, self.correct, self.tokens = self.loss + loss, self.correct + correct, self.tokens + tokens
+        s = self.by_source.setdefault(source, [0.0, 0, 0])
+        s[0], s[1], s[2] = s[0] + loss, s[1] + correct, s[2] + tokens
+
+
+def _summary(loss: float, correct: int, tokens: int) -> dict:
+    mean = loss / max(tokens, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50)), "token_accuracy": correct / max(tokens, 1), "tokens": tokens}
+
+
+@torch.no_grad()
+def split_metrics(model, examples, micro_batch_size: int, packed: bool = True, max_seq_len: int | None = None) -> dict:
+    """Masked loss, perplexity and token accuracy over examples, overall and per source.
+
+    packed=True packs the examples (BFD) into rows like training does; packed=False scores each
+    example alone. Both give the same numbers (the packed rows keep examples apart)."""
+    from sft_cli.data.packing import bfd_bins, mask_example_starts
+
+    rows = [dict(r) for r in examples] if not isinstance(examples, list) else examples
+    lengths = [len(r["input_ids"]) for r in rows]
+    if not rows:
+        return _summary(0.0, 0, 0) | {"by_source": {}}
+    capacity = max_seq_len or max(max(lengths), 1)
+    bins = bfd_bins(lengths, capacity) if packed else [[i] for i in range(len(rows))]
+    packed_rows = []
+    for members in bins:
+        seq_lens = [lengths[i] for i in members]
+        packed_rows.append({
+            "input_ids": [t for i in members for t in rows[i]["input_ids"]],
+            "labels": mask_example_starts(np.concatenate([np.asarray(rows[i]["labels"]) for i in members]),
+                                          seq_lens).tolist(),
+            "position_ids": position_ids(seq_lens).tolist(), "seq_lens": seq_lens,
+            "sources": [rows[i].get("source", "all") for i in members]})
+    collate = Collator(pad_id=0)
+    totals = Totals()
+    head = lm_head(model)
+    device = next(model.parameters()).device
+    for lo in range(0, len(packed_rows), micro_batch_size):
+        chunk = packed_rows[lo:lo + micro_batch_size]
+        batch = collate(chunk)
+        hidden = decoder(model)(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                                use_cache=False).last_hidden_state
+        targets = shifted_targets(batch["labels"]).to(device)
+        for r, row in enumerate(chunk):
+            offset = 0
+            for n, source in zip(row["seq_lens"], row["sources"]):
+                span_targets = targets[r, offset:offset + n]
+                keep = span_targets != IGNORE_INDEX
+                if keep.any():
+                    logits = head(hidden[r, offset:offset + n][keep]).float()
+                    loss = F.cross_entropy(logits, span_targets[keep], reduction="sum").item()
+                    correct = int((logits.argmax(-1) == span_targets[keep]).sum())
+                    totals.add(source, loss, correct, int(keep.sum()))
+                offset += n
+    return _summary(totals.loss, totals.correct, totals.tokens) | {
+        "by_source": {name: _summary(*values) for name, values in sorted(totals.by_source.items())}}
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts: list[dict], cfg: SFTConfig, stop_ids: list[int],
+                     batch_size: int = 8) -> list[dict]:
+    """Greedy and sampled replies, batched with left padding; generation stops at any stop id."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    device = next(model.parameters()).device
+    out = []
+    for mode in ("greedy", "sampled"):
+        torch.manual_seed(cfg.seed)  # sampled replies are reproducible
+        for lo in range(0, len(prompts), batch_size):
+            group = prompts[lo:lo + batch_size]
+            longest = max(len(p["prompt_ids"]) for p in group)
+            ids = torch.full((len(group), longest), pad, dtype=torch.long)
+            mask = torch.zeros((len(group), longest), dtype=torch.long)
+            for i, p in enumerate(group):
+                ids[i, longest - len(p["prompt_ids"]):] = torch.tensor(p["prompt_ids"])
+                mask[i, longest - len(p["prompt_ids"]):] = 1
+            sampling = {"do_sample": True, "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p} \
+                if mode == "sampled" else {"do_sample": False}
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                       max_new_tokens=cfg.eval.max_new_tokens, eos_token_id=stop_ids,
+                                       pad_token_id=pad, use_cache=True, **sampling)[:, longest:].tolist()
+            for p, new in zip(group, generated):
+                stop_at = next((i for i, t in enumerate(new) if t in stop_ids), None)
+                reply = new[:stop_at] if stop_at is not None else new
+                out.append({"mode": mode, "prompt": p["prompt"], "reference": p["reference"],
+                            "reply": tokenizer.decode(reply, skip_special_tokens=True), "reply_ids": reply,
+                            "stopped": stop_at is not None, "new_tokens": len(reply)})
+    return out
+
+
+def distinct_n(replies: list[list[int]], n: int) -> float:
+    """Unique n-grams / all n-grams over a set of replies (Li et al., 2016): 1.0 = no repetition."""
+    grams = [tuple(r[i:i + n]) for r in replies for i in range(len(r) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def reply_stats(replies: list[dict]) -> dict:
+    sampled = [r["reply_ids"] for r in replies if r["mode"] == "sampled"]
+    return {"replies": len(replies), "stopped_on_own": sum(r["stopped"] for r in replies) / max(len(replies), 1),
+            "distinct_1": distinct_n(sampled, 1), "distinct_2": distinct_n(sampled, 2),
+            "mean_reply_tokens": float(np.mean([len(r) for r in sampled])) if sampled else 0.0}
+
+
+def compare(models: dict) -> dict:
+    if "base" not in models:
+        return {}
+    base, tuned = models["base"], models["tuned"]
+    return {"eval_loss_delta": tuned["loss"] - base["loss"],
+            "forgetting_ppl_ratio": tuned["forgetting_ppl"] / max(base["forgetting_ppl"], 1e-9),
+            "distinct_2_ratio": tuned["generation"]["distinct_2"] / max(base["generation"]["distinct_2"], 1e-9)}
+
+
+def run_harness(cfg: SFTConfig, target: Path) -> dict:
+    """Optional lm-evaluation-harness tasks; a clear note when it or its data is unavailable."""
+    if not cfg.eval.harness_tasks:
+        return {}
+    try:
+        import lm_eval
+    except ImportError:
+        ui.err.print("[yellow]eval.harness_tasks set but lm-evaluation-harness is not installed "
+                     "(pip install lm-eval); skipped")
+        return {"skipped": "lm-eval not installed"}
+    try:
+        results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={target}",
+                                          tasks=list(cfg.eval.harness_tasks))
+        return {task: values for task, values in results["results"].items()}
+    except Exception as exc:  # offline datasets, unknown task names: report, don't fail the evaluation
+        ui.err.print(f"[yellow]lm-eval could not run ({type(exc).__name__}: {str(exc)[:200]}); skipped")
+        return {"skipped": f"{type(exc).__name__}: {str(exc)[:200]}"}
+
