@@ -25,6 +25,10 @@ demo: install
 	$(SFT) prepare recipe=demo
 	$(SFT) pack recipe=demo
 	$(SFT) train recipe=demo
+	$(SFT) evaluate run_dir=runs/demo
+	$(SFT) merge-lora run_dir=runs/demo merge.force=true
+	@echo "demo done: loss curve runs/demo/loss_curve.png | eval runs/demo/eval/report.json, \
+	runs/demo/eval/generations.jsonl, runs/demo/eval/comparison.png | merged model runs/demo/merged"
 
 test: install
 	$(PY) -m pytest
