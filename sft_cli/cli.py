@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -66,6 +67,20 @@ def _resolve_recipe(value: str) -> Path:
     raise ConfigError("recipe", f"unknown recipe '{value}'", f"{hint}known recipes: {', '.join(known)}")
 
 
+def _expand_recipe_globs(value: str) -> list[str]:
+    """`recipe=glob(*)` / `glob(lima*)`: every matching recipe in recipes/ (a smoke sweep)."""
+    import fnmatch
+
+    if not (value.startswith("glob(") and value.endswith(")")):
+        return value.split(",")
+    patterns = [p.strip() for p in value[5:-1].strip("[]").split(",")]
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    matched = [n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in patterns)]
+    if not matched:
+        raise ConfigError("recipe", f"{value} matches no recipe", f"known recipes: {', '.join(names)}")
+    return matched
+
+
 def _stage_recipes(overrides: list[str], workdir: Path) -> list[str]:
     """Copy the chosen recipe file(s) into a Hydra search-path folder `recipe/`.
 
@@ -79,7 +94,7 @@ def _stage_recipes(overrides: list[str], workdir: Path) -> list[str]:
             staged.append(arg)
             continue
         stems = []
-        for value in arg.split("=", 1)[1].split(","):
+        for value in _expand_recipe_globs(arg.split("=", 1)[1]):
             path = _resolve_recipe(value.strip())
             stem = path.stem
             text = path.read_text()
@@ -142,19 +157,43 @@ def _config_error_from_omegaconf(exc: Exception) -> ConfigError:
     return ConfigError(key, message, "check the key name and type with `sft VERB --cfg job`")
 
 
-def _run_verb(verb: str, cfg_node) -> int:
-    """Hydra task function body: typed config in, exit code out. Never raises."""
+def _run_verb(verb: str, cfg_node, overrides: list[str]) -> dict:
+    """Hydra task function body: typed config in, {run_dir, exit_code, error} out. Never raises.
+    In a sweep each point gets its own run_dir, named from its swept values (see sweep.py)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    outcome = {"run_dir": None}
+
     def body() -> int:
         try:
+            _name_sweep_point(cfg_node, overrides)
             cfg = OmegaConf.to_object(cfg_node)
         except OmegaConfBaseException as exc:
             raise _config_error_from_omegaconf(exc) from None
+        outcome["run_dir"] = cfg.run_dir
         return int(importlib.import_module(VERBS[verb][0]).run(cfg) or 0)
 
-    return guarded(body)
+    code = guarded(body)
+    return {**outcome, "exit_code": code, "error": LAST_ERROR[0] if code else ""}
+
+
+def _name_sweep_point(cfg_node, overrides: list[str]) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from sft_cli.sweep import point_name, swept_keys
+
+    hydra_cfg = HydraConfig.get()
+    params = hydra_cfg.sweeper.get("params") or {}  # a saved sweep (+sweep=NAME) lists its keys here
+    keys = swept_keys(overrides) + [key for key in params if key not in swept_keys(overrides)]
+    user_run_dir = [arg for arg in overrides if arg.startswith("run_dir=")]
+    if hydra_cfg.mode != RunMode.MULTIRUN or "run_dir" in keys or any("${" in arg for arg in user_run_dir):
+        return  # a single run, or the user names the points' run_dirs themselves
+    cfg_node.run_dir = f"{cfg_node.run_dir}/{point_name(list(hydra_cfg.overrides.task), keys)}"
+
+
+LAST_ERROR = [""]  # the last error line guarded() printed: a failed sweep point records it
 
 
 def quiet_libraries() -> None:
@@ -178,9 +217,11 @@ def guarded(body) -> int:
         return body()
     except ConfigError as exc:
         err_console.print(f"{rank}[bold red]config error[/] {escape(str(exc))}")
+        LAST_ERROR[0] = str(exc).splitlines()[0]
         return exc.exit_code
     except SFTError as exc:
         err_console.print(f"{rank}[bold red]error[/] {escape(str(exc))}")
+        LAST_ERROR[0] = str(exc).splitlines()[0]
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print(f"{rank}[yellow]interrupted[/]")
@@ -188,6 +229,7 @@ def guarded(body) -> int:
     except Exception as exc:  # a bug of ours, or a peer rank that died: say so, keep the traceback out of the way
         log = Path(tempfile.gettempdir()) / f"sft-error{'-rank' + os.environ['RANK'] if rank else ''}.log"
         log.write_text(traceback.format_exc())
+        LAST_ERROR[0] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         err_console.print(f"{rank}[bold red]internal error[/] {type(exc).__name__}: {escape(str(exc)[:500])}\n"
                           f"  traceback: {log}")
         return 1
@@ -208,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         _print_verbs()
         sys.exit(0 if argv else 2)
     verb, overrides = argv[0], argv[1:]
+    os.environ["SFT_COMMAND"] = shlex.join(["sft", *argv])  # provenance; inherited by worker ranks
     if verb not in VERBS:
         close = difflib.get_close_matches(verb, list(VERBS), n=1)
         err_console.print(f"[bold red]usage error[/] unknown verb '{verb}'" + (f"; did you mean '{close[0]}'?" if close else ""))
@@ -237,10 +280,21 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
 
         @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-        def task(cfg) -> None:
-            exit_codes.append(_run_verb(verb, cfg))
+        def task(cfg) -> dict:
+            outcome = _run_verb(verb, cfg, overrides)
+            exit_codes.append(outcome["exit_code"])
+            return outcome
 
-        sys.argv = [f"sft {verb}", f"hydra.job.name=sft-{verb}", *hydra_args]
+        # Flags (-m, --cfg job, --help) before the overrides: argparse takes one run of positionals.
+        flags, positional, args = [], [], iter(hydra_args)
+        for arg in args:
+            if arg.startswith("-"):
+                flags.append(arg)
+                if arg in ("--cfg", "-c", "--package", "-p", "--info", "-i"):  # flags that take a value
+                    flags.append(next(args, ""))
+            else:
+                positional.append(arg)
+        sys.argv = [f"sft {verb}", *flags, f"hydra.job.name=sft-{verb}", *positional]
         try:
             task()
         except SystemExit as exc:

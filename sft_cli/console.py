@@ -260,3 +260,19 @@ def print_eval_report(report: dict, generations: list[dict], folder: Path) -> No
                   f"{escape(row['reply'][:300])}{'' if row['stopped'] else ' [yellow](hit max_new_tokens)[/]'}")
     out.print(f"report: {folder / 'report.json'}  generations: {folder / 'generations.jsonl'}  "
               f"picture: {folder / 'comparison.png'}")
+
+
+def print_sweep_summary(rows: list[dict], root: Path) -> None:
+    table = Table(title=f"sweep -> {root}/sweep.json, sweep.csv, sweep_losses.png", title_justify="left")
+    for column in ("point", "status", "final loss", "best eval", "tokens/s", "wall s"):
+        table.add_column(column, justify="left" if column in ("point", "status") else "right")
+
+    def fmt(value, spec):
+        return format(value, spec) if isinstance(value, (int, float)) else ""
+
+    ordered = sorted(rows, key=lambda r: (r["best_eval_loss"] is None, r["best_eval_loss"] or 0.0))
+    for r in ordered:
+        status = "ok" if r["status"] == "ok" else f"[red]failed[/] {escape(r['error'][:60])}"
+        table.add_row(escape(Path(r["run_dir"]).name or r["overrides"]), status, fmt(r["final_train_loss"], ".4f"),
+                      fmt(r["best_eval_loss"], ".4f"), fmt(r["tokens_per_sec"], ",.0f"), fmt(r["wall_s"], ".1f"))
+    out.print(table)

@@ -96,3 +96,34 @@ def comparison_png(models: dict, path: Path) -> None:
     tmp = Path(path).with_suffix(".png.tmp")
     tmp.write_bytes(_png(pixels))
     tmp.replace(path)
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def curves_png(curves: list[list[tuple[float, float]]], path: Path) -> None:
+    """Several loss curves on shared axes, one colour each (sweep points in sweep.json order)."""
+    pixels = [bytearray(WHITE * WIDTH) for _ in range(HEIGHT)]
+    points = [p for curve in curves for p in curve]
+    if points:
+        x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+        y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+        for i, curve in enumerate(curves):
+            color = bytes(PALETTE[i % len(PALETTE)])
+            previous = None
+            for x, y in curve:
+                current = (int(MARGIN + (x - x0) / (x1 - x0) * (WIDTH - 2 * MARGIN)),
+                           int(HEIGHT - MARGIN - (y - y0) / (y1 - y0) * (HEIGHT - 2 * MARGIN)))
+                start = previous or current
+                steps = max(abs(current[0] - start[0]), abs(current[1] - start[1]), 1)
+                for k in range(steps + 1):
+                    px = start[0] + (current[0] - start[0]) * k // steps
+                    py = start[1] + (current[1] - start[1]) * k // steps
+                    if 0 <= px < WIDTH and 0 <= py < HEIGHT:
+                        pixels[py][3 * px:3 * px + 3] = color
+                previous = current
+    tmp = Path(path).with_suffix(".png.tmp")
+    tmp.write_bytes(_png(pixels))
+    tmp.replace(path)

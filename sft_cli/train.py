@@ -25,7 +25,7 @@ import datasets
 import torch
 
 from sft_cli import console as ui
-from sft_cli.artifacts import fingerprint, read_manifest, write_text_atomic
+from sft_cli.artifacts import fingerprint, is_complete, read_manifest, write_text_atomic
 from sft_cli.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from sft_cli.config import SFTConfig, to_yaml
 from sft_cli.data.collate import VARLEN_BACKENDS, Collator
@@ -49,6 +49,7 @@ from sft_cli.metrics import MetricsLog
 from sft_cli.model import CausalLMLoss, decoder_layers, load_model, pick_dtype
 from sft_cli.neftune import neftune
 from sft_cli.plot import loss_curve_png
+from sft_cli.provenance import write_provenance
 from sft_cli.schedule import build_optimizer, build_scheduler
 
 # Keys whose change makes a checkpoint meaningless for this run (resume refuses).
@@ -196,6 +197,22 @@ def train(cfg: SFTConfig) -> int:
     tokenizer = load_prepared_tokenizer(run_dir / "prepared")
     splits = datasets.load_from_disk(str(run_dir / "packed"))
 
+    rows = splits["train"].select_columns(["input_ids", "labels", "position_ids", "seq_lens"])
+    eval_rows = splits["eval"].select_columns(rows.column_names) if "eval" in splits else None
+    plan = StepPlan(len(rows), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, w.world_size, cfg.seed,
+                    lengths=row_lengths(rows) if cfg.pack.strategy == "none" else None)
+    if plan.steps_per_epoch == 0:
+        raise ConfigError("trainer.micro_batch_size", f"{len(rows)} packed rows cannot fill one step of "
+                          f"{plan.micro_batches_per_step} micro-batches", "lower micro_batch_size or grad_accum")
+    total_steps = plan.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
+    identity = run_identity(cfg)
+    fingerprints = {"run": fingerprint(identity), "identity": identity,
+                    "packed": read_manifest(run_dir / "packed")["fingerprint"]}
+    if _finished(run_dir, fingerprints, total_steps) and cfg.trainer.resume == "auto":
+        ui.err.print(f"[green]already finished[/]: {run_dir / 'final'} holds all {total_steps} steps of this "
+                     "config (trainer.resume=never to train again)")
+        return 0
+
     # Model -> loss module -> DDP / FSDP2 (or nothing in one process) -> optimizer.
     model, info = load_model(cfg, tokenizer, cfg.model.name_or_path)
     joined = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -207,20 +224,8 @@ def train(cfg: SFTConfig) -> int:
     engine = wrap(CausalLMLoss(model), info["parallel"], decoder_layers(model), pick_dtype(cfg.model.dtype))
     collate = Collator(pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                        flat=info["attn_implementation"] in VARLEN_BACKENDS)
-    rows = splits["train"].select_columns(["input_ids", "labels", "position_ids", "seq_lens"])
-    eval_rows = splits["eval"].select_columns(rows.column_names) if "eval" in splits else None
-    unpacked = cfg.pack.strategy == "none"
-    plan = StepPlan(len(rows), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, w.world_size, cfg.seed,
-                    lengths=row_lengths(rows) if unpacked else None)
-    if plan.steps_per_epoch == 0:
-        raise ConfigError("trainer.micro_batch_size", f"{len(rows)} packed rows cannot fill one step of "
-                          f"{plan.micro_batches_per_step} micro-batches", "lower micro_batch_size or grad_accum")
-    total_steps = plan.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    identity = run_identity(cfg)
-    fingerprints = {"run": fingerprint(identity), "identity": identity,
-                    "packed": read_manifest(run_dir / "packed")["fingerprint"]}
 
     step, state = 0, {"tokens": 0, "loss_tokens": 0, "bad_streak": 0, "elapsed_s": 0.0}
     resume_from = latest_checkpoint(run_dir) if cfg.trainer.resume == "auto" else None
@@ -236,6 +241,7 @@ def train(cfg: SFTConfig) -> int:
     metrics_path = run_dir / "metrics.jsonl"
     if w.is_main:
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        write_provenance(run_dir)
         _truncate_metrics(metrics_path, step)
         packed = json.loads((run_dir / "packed" / "report.json").read_text())["splits"]["train"]
         ui.print_train_start(info, plan, total_steps, cfg, packed)
@@ -310,6 +316,14 @@ def _checkpoint(run_dir, step, model, engine, optimizer, scheduler, state, cfg, 
         state["saved_step"] = step
         save_checkpoint(run_dir, step, model, engine, optimizer, scheduler, {**state, "step": step}, cfg,
                         fingerprints, cfg.trainer.keep_last)
+
+
+def _finished(run_dir: Path, fingerprints: dict, total_steps: int) -> bool:
+    """final/ exists and the newest checkpoint is this very run's last step: nothing to do."""
+    latest = latest_checkpoint(run_dir)
+    saved = read_manifest(latest) if latest else None
+    return bool(saved and is_complete(run_dir / "final") and saved.get("step") == total_steps
+                and saved.get("run") == fingerprints["run"] and saved.get("packed") == fingerprints["packed"])
 
 
 def _check_resumable(folder: Path, fingerprints: dict) -> None:
