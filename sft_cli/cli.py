@@ -88,7 +88,8 @@ def _stage_recipes(overrides: list[str], workdir: Path) -> list[str]:
     `recipe=path/x.yaml` (and sweeps over both) use one mechanism. A user file without
     the `# @package _global_` header gets one, so its keys land at the top level.
     """
-    staged = [f"hydra.searchpath=[file://{workdir}]"]
+    # hydra.sweep.dir: Hydra's own multirun.yaml goes to the temp folder, not the user's cwd.
+    staged = [f"hydra.searchpath=[file://{workdir}]", f"hydra.sweep.dir={workdir}/multirun"]
     for arg in overrides:
         if not arg.startswith("recipe="):
             staged.append(arg)
