@@ -276,3 +276,13 @@ def print_sweep_summary(rows: list[dict], root: Path) -> None:
         table.add_row(escape(Path(r["run_dir"]).name or r["overrides"]), status, fmt(r["final_train_loss"], ".4f"),
                       fmt(r["best_eval_loss"], ".4f"), fmt(r["tokens_per_sec"], ",.0f"), fmt(r["wall_s"], ".1f"))
     out.print(table)
+
+
+def print_merge_summary(folder: Path, check: dict, parameters: int, shards: list[str]) -> None:
+    table = Table(title=f"sft merge-lora -> {folder}", title_justify="left", show_header=False)
+    table.add_row("parameters", f"{parameters:,} ({check['dtype']})")
+    table.add_row("files", ", ".join(shards))
+    table.add_row("verified", f"max |merged - (base + adapter)| = {check['max_abs_diff']:.3g} on {check['inputs']} "
+                  f"inputs (tolerance {check['tolerance']:.3g}, logit scale {check['logit_scale']:.3g})")
+    table.add_row("load with", f"AutoModelForCausalLM.from_pretrained('{folder}')")
+    out.print(table)
