@@ -38,6 +38,24 @@ def tiny_tokenizer(tiny_dir):
     return load
 
 
+WORDS = ["alpha", "beta", "gamma", "delta", "time", "model", "train", "loss", "token", "value"]
+
+
+def write_chat_jsonl(path: Path, rows: int = 120, max_words: int = 40, seed: int = 0) -> Path:
+    """A seeded file of one-turn chats ("Say something i" -> 5..max_words random words): the training
+    tests' data. Losses pinned in tests depend on it, so its output must never change."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        for i in range(rows):
+            reply = " ".join(rng.choice(WORDS, size=int(rng.integers(5, max_words))))
+            handle.write(json.dumps({"messages": [{"role": "user", "content": f"Say something {i}"},
+                                                  {"role": "assistant", "content": reply}]}) + "\n")
+    return path
+
+
 def _write_jsonl(path: Path, rows: list) -> Path:
     """Rows may be dicts (dumped as JSON) or raw bytes/str lines (written as they are)."""
     path.parent.mkdir(parents=True, exist_ok=True)

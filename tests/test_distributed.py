@@ -10,10 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.conftest import write_chat_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -21,15 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "time", "model", "train", "loss", "token", "value"]
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    with open(path, "w") as handle:
-        for i in range(120):
-            reply = " ".join(rng.choice(words, size=int(rng.integers(5, 40))))
-            handle.write(json.dumps({"messages": [{"role": "user", "content": f"Say something {i}"},
-                                                  {"role": "assistant", "content": reply}]}) + "\n")
-    return path
+    return write_chat_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", rows=120, max_words=40)
 
 
 def args(data, run_dir, *extra):

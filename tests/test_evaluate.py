@@ -12,6 +12,7 @@ import torch
 
 from sft_cli.data.packing import IGNORE_INDEX
 from sft_cli.evaluate import distinct_n, split_metrics
+from tests.conftest import WORDS, write_chat_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,17 +49,11 @@ def test_packed_and_unpacked_eval_give_the_same_loss(tiny_dir, arch):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "time", "model", "train", "loss", "token", "value"]
-    chat, text = root / "chat.jsonl", root / "text.jsonl"
-    with open(chat, "w") as handle:
-        for i in range(100):
-            reply = " ".join(rng.choice(words, size=int(rng.integers(5, 30))))
-            handle.write(json.dumps({"messages": [{"role": "user", "content": f"Say something {i}"},
-                                                  {"role": "assistant", "content": reply}]}) + "\n")
+    rng = np.random.default_rng(1)
+    chat, text = write_chat_jsonl(root / "chat.jsonl", rows=100, max_words=30), root / "text.jsonl"
     with open(text, "w") as handle:
         for _ in range(40):
-            handle.write(json.dumps({"text": " ".join(rng.choice(words, size=30))}) + "\n")
+            handle.write(json.dumps({"text": " ".join(rng.choice(WORDS, size=30))}) + "\n")
     run_dir = root / "run"
     args = ["model.name_or_path=builtin:tiny-llama-chatml", f"data.sources=[{{path: {chat}}}, "
             f"{{path: {text}, format: text}}]", "data.eval_fraction=0.2", "max_seq_len=256", f"run_dir={run_dir}",

@@ -11,21 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import write_chat_jsonl
+
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def _chat_file(tmp_path):
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "time", "model", "train", "loss", "token", "value"]
-    path = tmp_path / "chat.jsonl"
-    with open(path, "w") as handle:
-        for i in range(200):
-            reply = " ".join(rng.choice(words, size=int(rng.integers(5, 60))))
-            handle.write(json.dumps({"messages": [{"role": "user", "content": f"Say something {i}"},
-                                                  {"role": "assistant", "content": reply}]}) + "\n")
-    return path
+    return write_chat_jsonl(tmp_path / "chat.jsonl", rows=200, max_words=60)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager", "flex_attention"])

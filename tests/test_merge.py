@@ -5,23 +5,16 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+
+from tests.conftest import write_chat_jsonl
 
 pytestmark = pytest.mark.slow
 
 
 def _data(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "time", "model", "train", "loss", "token", "value"]
-    path = root / "chat.jsonl"
-    with open(path, "w") as handle:
-        for i in range(80):
-            reply = " ".join(rng.choice(words, size=int(rng.integers(5, 30))))
-            handle.write(json.dumps({"messages": [{"role": "user", "content": f"Say something {i}"},
-                                                  {"role": "assistant", "content": reply}]}) + "\n")
-    return path
+    return write_chat_jsonl(root / "chat.jsonl", rows=80, max_words=30)
 
 
 def _args(root: Path, run: str, *extra: str) -> list[str]:

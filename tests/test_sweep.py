@@ -4,23 +4,16 @@ skips finished points, records a failed point and goes on; a run replays from it
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from tests.conftest import write_chat_jsonl
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "time", "model", "train", "loss", "token", "value"]
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    with open(path, "w") as handle:
-        for i in range(60):
-            reply = " ".join(rng.choice(words, size=int(rng.integers(5, 30))))
-            handle.write(json.dumps({"messages": [{"role": "user", "content": f"Say something {i}"},
-                                                  {"role": "assistant", "content": reply}]}) + "\n")
-    return path
+    return write_chat_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", rows=60, max_words=30)
 
 
 def base(data, run_dir):

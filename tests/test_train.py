@@ -18,6 +18,7 @@ from sft_cli.data.collate import Collator
 from sft_cli.data.packing import IGNORE_INDEX, mask_example_starts, position_ids
 from sft_cli.model import CausalLMLoss, load_model
 from sft_cli.train import accumulate_gradients
+from tests.conftest import write_chat_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,15 +62,7 @@ def test_step_gradient_does_not_depend_on_the_split(tiny_dir, peft):
 # -- the real CLI ---------------------------------------------------------------------------------
 
 def _data(tmp_path):
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "time", "model", "train", "loss", "token", "value"]
-    path = tmp_path / "data.jsonl"
-    with open(path, "w") as handle:
-        for i in range(120):
-            reply = " ".join(rng.choice(words, size=int(rng.integers(5, 40))))
-            handle.write(json.dumps({"messages": [{"role": "user", "content": f"Say something {i}"},
-                                                  {"role": "assistant", "content": reply}]}) + "\n")
-    return path
+    return write_chat_jsonl(tmp_path / "data.jsonl", rows=120, max_words=40)
 
 
 def _train_args(tmp_path, run, *extra):
