@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sft_cli import console as ui
-from sft_cli.artifacts import atomic_dir, write_json_atomic, write_manifest
+from sft_cli.artifacts import atomic_dir, is_complete, write_json_atomic, write_manifest
 from sft_cli.config import Format, SFTConfig, run_config
 from sft_cli.data.collate import Collator
 from sft_cli.data.packing import IGNORE_INDEX, position_ids
@@ -46,7 +46,8 @@ def run(cfg: SFTConfig) -> int:
     if not target.exists():
         raise SFTError(f"nothing to evaluate at {target}: train first (sft train), or set eval.model to a "
                        "checkpoint, adapter or model folder")
-    ensure_packed(cfg)
+    if not is_complete(run_dir / "prepared"):
+        ensure_packed(cfg)  # evaluating a model on a run that was never prepared here
     tokenizer = load_prepared_tokenizer(run_dir / "prepared")
     examples = eval_examples(cfg)
     prompts = eval_prompts(cfg, tokenizer, examples)
