@@ -38,7 +38,7 @@ from sft_cli.errors import ConfigError, SFTError
 # exact up to summation order. In bf16/fp16 both forwards round every activation, and that alone
 # moves single logits by whole units: on SmolLM2-135M in bf16, base + adapter run in bf16 vs in
 # float32 differ by up to 1.4 at a logit scale of 34 (RMS 4% of the spread), and merged vs base +
-# adapter by up to 7.4 on one random-token position (RMS 3-10%). So half precision is judged mainly
+# a strong random adapter by up to 7.4 at one position (RMS 3-10%). So half precision is judged mainly
 # on the RMS: these bounds catch a broken merge or save (garbage rows, a lost head: RMS near 100%),
 # not an adapter too small to see through bf16's own noise.
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (0.1, 0.05), torch.bfloat16: (0.5, 0.2)}

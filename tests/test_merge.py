@@ -45,8 +45,8 @@ def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("merge")
     write_chat_jsonl(root / "chat.jsonl", rows=40, max_words=20)
     trained = _parallel(_train(root, "lora"),
-                    _train(root, "grown", "builtin:tiny-qwen2-zephyr", "data.chat_template=chatml"),
-                    _train(root, "full", "builtin:tiny-llama-chatml", "peft=none", "trainer.max_steps=2"))
+                        _train(root, "grown", "builtin:tiny-qwen2-zephyr", "data.chat_template=chatml"),
+                        _train(root, "full", "builtin:tiny-llama-chatml", "peft=none", "trainer.max_steps=2"))
     for result in trained:
         assert result.returncode == 0, result.stderr[-3000:]
     return root
@@ -56,7 +56,7 @@ def runs(tmp_path_factory) -> Path:
 def merged(runs) -> dict:
     # grown/ in shards of 200KB (its weights are ~560KB): the reload below goes through the index.
     results = _parallel(("merge-lora", f"run_dir={runs / 'lora'}"),
-                    ("merge-lora", f"run_dir={runs / 'grown'}", "merge.max_shard_size=200KB"))
+                        ("merge-lora", f"run_dir={runs / 'grown'}", "merge.max_shard_size=200KB"))
     return dict(zip(("lora", "grown"), results))
 
 
@@ -80,15 +80,19 @@ def test_merged_model_loads_plain_and_equals_base_plus_adapter(runs, merged, run
         "base_model_name_or_path"])
     if run == "grown":
         assert len(tokenizer) > base.get_input_embeddings().weight.shape[0]
-        assert len(list(folder.glob("model-*.safetensors"))) > 1 and (folder / "model.safetensors.index.json").exists()
+        assert not plain.config.tie_word_embeddings
+        assert "tie_word_embeddings=false" in " ".join(result.stdout.split())
+        assert len(list(folder.glob("model-*.safetensors"))) > 1
+        assert (folder / "model.safetensors.index.json").is_file()
         # The base's new rows are random; the adapter's saved embeddings and head must replace them.
         base.resize_token_embeddings(len(tokenizer))
     adapted = PeftModel.from_pretrained(base, str(final)).eval()
     assert any(p.abs().max() > 0 for name, p in adapted.named_parameters() if "lora_B" in name)  # not a no-op
 
     # A chat prompt: in `grown` its <|im_start|> / <|im_end|> are the added tokens.
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Say something 3"}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+    chat = [{"role": "user", "content": "Say something 3"}]
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
     with torch.no_grad():
         diff = (plain(input_ids=ids).logits - adapted(input_ids=ids).logits).abs().max().item()
     assert diff <= 1e-5
