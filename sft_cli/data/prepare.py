@@ -36,7 +36,7 @@ from sft_cli.artifacts import (
     write_manifest,
     write_text_atomic,
 )
-from sft_cli.config import SFTConfig, to_yaml
+from sft_cli.config import LossOn, SFTConfig, to_yaml
 from sft_cli.data.mix import mix_counts, sample, split_indices
 from sft_cli.data.render import Renderer
 from sft_cli.data.sources import content_fingerprint, default_num_proc, load_source, source_name
@@ -209,7 +209,8 @@ def _select_and_write(cfg, tokenizer, names, raw, processed, tmp: Path) -> dict:
                           for j, r in zip(rows.tolist(), cols.strings("reason", rows))).most_common(3)
         raise SFTError(f"source '{empty[0]}' has zero valid rows ({per_source[empty[0]]['read']} read; "
                        f"top reasons: {', '.join(f'{r} x{c}' for r, c in reasons) or 'no rows'})")
-    _audit(tokenizer, cols, kept)
+    if cfg.data.loss_on != LossOn.all:  # under `all` every token trains, end-of-turn markers included
+        _audit(tokenizer, cols, kept)
 
     train_parts, eval_parts = {}, {}
     for code, (name, src) in enumerate(zip(names, data.sources)):

@@ -184,3 +184,14 @@ def test_hub_source_offline_is_one_clear_line(tmp_path, sft):
 def test_missing_file_is_a_config_error(tmp_path, sft):
     result = sft("prepare", MODEL, sources({"path": str(tmp_path / "nope.jsonl")}), f"run_dir={tmp_path}")
     assert result.returncode == 2 and "data.sources[0].path" in result.stderr
+
+
+def test_loss_on_all_chat_data_passes_the_audit(tmp_path, sft):
+    """Under loss_on=all the last trained token of a ChatML chat is the newline after <|im_end|>;
+    the end-of-turn audit must not mistake that for a template that never trains its stop token."""
+    from tests.conftest import write_chat_jsonl
+
+    data = write_chat_jsonl(tmp_path / "chat.jsonl", rows=20)
+    result = sft("prepare", "model.name_or_path=builtin:tiny-llama-chatml", f"data.sources=[{{path: {data}}}]",
+                 "data.loss_on=all", f"run_dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-2000:]
