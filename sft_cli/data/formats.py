@@ -74,7 +74,20 @@ def _text(value: Any, what: str) -> str:
         raise RowError("non_string_content", f"{what} is a {type(value).__name__}")
     if not value.strip():
         raise RowError("empty_content", f"{what} is empty")
+    try:  # JSON can spell lone surrogates ("\\ud800"); no tokenizer or Arrow column accepts them
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError("invalid_unicode", f"{what} has a lone surrogate at character {exc.start}") from None
     return value
+
+
+def _optional_text(row: dict, columns: dict[str, str], name: str) -> str:
+    """An optional string field (alpaca `input`, `system`): absent, null or empty mean none; any
+    other non-string is an error, never silently dropped."""
+    value = row.get(_col(columns, name))
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ""
+    return _text(value, name)
 
 
 def _field(row: dict, columns: dict[str, str], name: str) -> Any:
@@ -115,12 +128,12 @@ def _chat(row: dict, fmt: str, columns: dict[str, str]) -> dict:
                              "conversations")
     else:  # alpaca
         instruction = _text(_field(row, columns, "instruction"), "instruction")
-        extra = row.get(_col(columns, "input"))
-        user = instruction + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
+        extra = _optional_text(row, columns, "input")
+        user = instruction + (f"\n\n{extra}" if extra else "")
         messages = [{"role": "user", "content": user},
                     {"role": "assistant", "content": _text(_field(row, columns, "output"), "output")}]
-        system = row.get(_col(columns, "system"))
-        if isinstance(system, str) and system.strip():
+        system = _optional_text(row, columns, "system")
+        if system:
             messages.insert(0, {"role": "system", "content": system})
     return {"kind": "chat", "messages": messages, "completion_start": 0}
 
@@ -143,6 +156,8 @@ def normalize(raw: str, fmt: str, columns: dict[str, str]) -> dict:
         row = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise RowError("malformed_json", f"{exc.msg} at column {exc.colno}") from None
+    except RecursionError:  # [[[[...]]]] deeper than the parser's stack
+        raise RowError("malformed_json", "nested too deeply") from None
     if not isinstance(row, dict):
         raise RowError("malformed_json", f"a row must be a JSON object, got {type(row).__name__}")
     if fmt == "auto":

@@ -22,6 +22,8 @@ when it overlaps a span.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from sft_cli.data.formats import RowError, check_trainable, example_hash, normalize
@@ -35,9 +37,38 @@ def _compile(template: str):
 
         return _compile_jinja_template(template)
     except ImportError:  # pragma: no cover - older/newer transformers
-        import jinja2
+        # Sandboxed like transformers' own: a template from a downloaded tokenizer must not reach
+        # Python internals (`''.__class__.__mro__`).
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        return jinja2.Environment().from_string(template)
+        return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+
+
+def control_token_pattern(tokenizer) -> re.Pattern | None:
+    """A regex matching any of the tokenizer's special tokens written as text, longest first.
+
+    The tokenizer turns such text into the control token itself: a user message containing
+    "<|im_end|>" would end its turn early and inject a fake one. Rows with them are rejected
+    (`special_token_in_text`) rather than trained on what inference would parse differently.
+    """
+    specials = set(tokenizer.all_special_tokens)
+    specials |= {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    specials = sorted((t for t in specials if t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def example_texts(example: dict) -> list[tuple[str, str]]:
+    """(where, text) of every piece of user data in a normalised example."""
+    if example["kind"] == "text":
+        return [("text", example["text"])]
+    if example["kind"] == "prompt_completion":
+        return [("prompt", example["prompt"]), ("completion", example["completion"])]
+    return [(f"messages[{i}].content", m["content"]) for i, m in enumerate(example["messages"])]
+
+
+def _printable(detail: str, limit: int = 300) -> str:
+    """Rejection details echo row data: keep them valid UTF-8 (Arrow refuses lone surrogates) and short."""
+    return detail.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
 
 
 class Renderer:
@@ -61,6 +92,7 @@ class Renderer:
         self.eos_text = tokenizer.eos_token or ""
         # Longest first: the end of a turn must never fall inside one of these strings.
         self.markers = sorted((t for t in tokenizer.added_tokens_encoder if len(t) > 1), key=len, reverse=True)
+        self.control_tokens = control_token_pattern(tokenizer)
         self._compiled = None
         self._parts = None  # does the template want content as [{"type": "text", "text": ...}]?
 
@@ -139,6 +171,33 @@ class Renderer:
             raise RowError("template_mismatch", "no assistant turn renders as it would be generated")
         return full, spans
 
+    def check_no_control_tokens(self, example: dict) -> None:
+        if self.control_tokens is None:
+            return
+        for where, text in example_texts(example):
+            found = self.control_tokens.search(text)
+            if found:
+                raise RowError("special_token_in_text", f"{where} contains {found.group()!r} at character "
+                               f"{found.start()}, which this tokenizer reads as a control token")
+
+    def _encode(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]] | RowError]:
+        """Tokenize in one batched call; if the batch fails, row by row so one bad text costs one row."""
+        # add_special_tokens=False: the template (or bos_text) already wrote BOS, so it is never doubled.
+        kwargs = {"add_special_tokens": False, "return_offsets_mapping": True, "return_attention_mask": False}
+        try:
+            encoded = self.tokenizer(texts, **kwargs)
+            return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+        except Exception:
+            pass
+        results = []
+        for text in texts:
+            try:
+                one = self.tokenizer(text, **kwargs)
+                results.append((one["input_ids"], one["offset_mapping"]))
+            except Exception as exc:
+                results.append(RowError("tokenizer_error", f"{type(exc).__name__}: {exc}"))
+        return results
+
     # -- batched map -------------------------------------------------------------------------
     def __call__(self, batch: dict) -> dict:
         n = len(batch["raw"])
@@ -155,22 +214,26 @@ class Renderer:
                 source = batch["source"][j]
                 example = normalize(batch["raw"][j], self.formats[source], self.columns[source])
                 check_trainable(example, self.loss_on)
+                self.check_no_control_tokens(example)
                 out["hash"][j] = example_hash(example)
                 out["kind"][j] = example["kind"]
                 text, example_spans = self.text_and_spans(example)
             except RowError as exc:
-                out["reason"][j], out["detail"][j] = exc.reason, exc.detail
+                out["reason"][j], out["detail"][j] = exc.reason, _printable(exc.detail)
+                continue
+            except Exception as exc:  # a bug of ours must cost one counted row, never the whole run
+                out["reason"][j], out["detail"][j] = "unexpected_error", _printable(f"{type(exc).__name__}: {exc}")
                 continue
             texts.append(text)
             spans.append(example_spans)
             rows.append(j)
         if not texts:
             return out
-        # One batched call into the Rust tokenizer. add_special_tokens=False: the template (or
-        # bos_text above) already wrote BOS, so it is never doubled.
-        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                                 return_attention_mask=False)
-        for j, ids, offsets, example_spans in zip(rows, encoded["input_ids"], encoded["offset_mapping"], spans):
+        for j, encoded, example_spans in zip(rows, self._encode(texts), spans):
+            if isinstance(encoded, RowError):
+                out["reason"][j], out["detail"][j] = encoded.reason, _printable(encoded.detail)
+                continue
+            ids, offsets = encoded
             labels = loss_labels(ids, offsets, example_spans)
             # Position 0 is never a target: nothing precedes it. Counting it would make the loss-token
             # count (and so the loss normalisation) differ from what training can actually predict.

@@ -25,6 +25,9 @@ from sft_cli.artifacts import hash_file
 from sft_cli.config import SourceConfig
 from sft_cli.errors import ConfigError, SFTError
 
+# A row is one JSON line; one bigger than this is rejected (`row_too_large`) without being held in
+# memory whole: no SFT example is 32 MiB, and Arrow string columns cap at 2 GiB per batch.
+MAX_ROW_BYTES = 32 << 20
 FILE_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 FEATURES = datasets.Features(
@@ -79,13 +82,44 @@ def content_fingerprint(src: SourceConfig, index: int) -> dict:
     return {"files": {str(p): hash_file(p) for p in paths}}
 
 
+def _lines(handle, max_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) of a binary file; None for a line over `max_bytes`, read past in
+    bounded pieces so a 10 GB line never sits in memory."""
+    line_no = 0
+    while True:
+        line = handle.readline(max_bytes + 1)
+        if not line:
+            return
+        line_no += 1
+        if len(line) > max_bytes and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = handle.readline(1 << 20)
+            yield line_no, None
+        else:
+            yield line_no, line
+
+
+def _dumps(row) -> str:
+    """A parsed row back to JSON text; escaped when it holds lone surrogates (Arrow needs UTF-8)."""
+    text = json.dumps(row, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(row)
+    return text
+
+
 def _jsonl_rows(paths: list[str], name: str) -> Iterator[dict]:
     for path in paths:
         with open(path, "rb") as handle:
-            for line_no, line in enumerate(handle, start=1):
+            for line_no, line in _lines(handle):
+                location = f"{path}:{line_no}"
+                if line is None:
+                    yield {"source": name, "location": location, "raw": None,
+                           "error": f"row_too_large: over {MAX_ROW_BYTES >> 20} MiB"}
+                    continue
                 if not line.strip():
                     continue  # blank lines hold no row
-                location = f"{path}:{line_no}"
                 try:
                     text = line.decode("utf-8")
                 except UnicodeDecodeError as exc:
@@ -104,6 +138,9 @@ def _json_rows(paths: list[str], name: str) -> Iterator[dict]:
             continue
         try:
             doc = json.loads(text)
+        except RecursionError:
+            yield {"source": name, "location": path, "raw": None, "error": "malformed_json: nested too deeply"}
+            continue
         except json.JSONDecodeError as exc:
             if exc.msg == "Extra data":  # a .json file that is really JSON lines
                 yield from _jsonl_rows([path], name)
@@ -114,9 +151,14 @@ def _json_rows(paths: list[str], name: str) -> Iterator[dict]:
         if isinstance(doc, dict):  # {"data": [...]} style, or a single row
             lists = [v for v in doc.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
             doc = lists[0] if len(doc) == 1 and lists else [doc]
+        elif not isinstance(doc, list):  # a bare number or string: one (bad) row, not one per character
+            doc = [doc]
         for i, row in enumerate(doc):
-            yield {"source": name, "location": f"{path}[{i}]", "raw": json.dumps(row, ensure_ascii=False),
-                   "error": None}
+            try:
+                raw, error = _dumps(row), None
+            except RecursionError:
+                raw, error = None, "malformed_json: nested too deeply"
+            yield {"source": name, "location": f"{path}[{i}]", "raw": raw, "error": error}
 
 
 def _generate(kind: str, paths: list[str], name: str) -> Iterator[dict]:
