@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -32,19 +33,49 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _writer_tag() -> str:
+    """PID and host in temp names: a leftover is stale only if its writer is dead on this host
+    (run_dir may be shared by several nodes)."""
+    return f"{os.getpid()}-{socket.gethostname().replace('-', '_')}-{time.time_ns()}"
+
+
+def remove_stale_temps(final: Path) -> None:
+    """Delete what a killed writer left beside `final` (`.NAME.tmp-PID-HOST-*`, `.NAME.old-...`):
+    never read, only disk space. A live writer's folder is left alone."""
+    host = socket.gethostname().replace("-", "_")
+    for leftover in final.parent.glob(f".{final.name}.*-*-*-*"):
+        kind, pid, writer_host, _ = leftover.name.removeprefix(f".{final.name}.").split("-", 3)
+        if kind in ("tmp", "old") and pid.isdigit() and writer_host == host and not _pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp sibling of `final`; on success swap it into place, on error remove it."""
+    from sft_cli.faults import fault_point
+
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    remove_stale_temps(final)
+    tmp = final.parent / f".{final.name}.tmp-{_writer_tag()}"
     tmp.mkdir()
     try:
         yield tmp
+        fault_point(final.name)  # reliability tests: a kill here must leave `final` as it was
         if final.exists():
             # Two renames instead of rmtree-then-rename: the old output stays whole until
             # the new one is fully in place.
-            old = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"
+            old = final.parent / f".{final.name}.old-{_writer_tag()}"
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -63,8 +94,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write (disk full): no half file left behind
 
 
 def write_manifest(folder: Path, fingerprint: str, extra: dict[str, Any] | None = None) -> None:

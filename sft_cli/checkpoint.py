@@ -7,21 +7,25 @@
       rng-rank{R}.pt                 python, numpy, torch (+cuda) RNG states of each rank
       trainer_state.json             step, token counters, bad-step streak, world size
       config.yaml                    the resolved config of the run
-      manifest.json                  written last: fingerprints of data and config; "complete"
+      manifest.json                  written last: fingerprints of data and config, the sha256 of
+                                     every file above; its presence means "complete"
 
 Every rank writes into `.step-N.tmp/` (its RNG state, its FSDP shards); rank 0 writes the
 rest, the manifest last, and renames the folder into place. A crash at any point leaves no
-`step-N/` that looks whole. Everything is loaded with `torch.load(weights_only=True)` or
+`step-N/` that looks whole; a full disk leaves the previous checkpoint as it was. On resume a
+checkpoint whose files fail their checksums (bit rot, a truncated copy) is refused with a message
+and the one before it is used. Everything is loaded with `torch.load(weights_only=True)` or
 safetensors: a checkpoint cannot run code.
 
     save_checkpoint(run_dir, step, model, engine, optimizer, scheduler, state, cfg, fingerprints, keep_last)
-    latest = latest_checkpoint(run_dir)   # newest complete step-N, or None
+    resume_from = resumable_checkpoint(run_dir)   # newest complete step-N whose files verify, or None
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -30,10 +34,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sft_cli.artifacts import atomic_dir, is_complete, read_manifest, write_json_atomic, write_manifest
+from sft_cli import console as ui
+from sft_cli.artifacts import (
+    MANIFEST,
+    atomic_dir,
+    hash_file,
+    is_complete,
+    read_manifest,
+    write_json_atomic,
+    write_manifest,
+)
 from sft_cli.config import SFTConfig, to_yaml
 from sft_cli.distributed import barrier, is_fsdp, world
 from sft_cli.errors import SFTError
+from sft_cli.faults import fault_point
 from sft_cli.model import unwrap
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -86,35 +100,106 @@ def _sharded_state(engine, optimizer):
 def save_checkpoint(run_dir: Path, step: int, model, engine, optimizer, scheduler, state: dict, cfg: SFTConfig,
                     fingerprints: dict, keep_last: int) -> Path:
     """Collective: every rank calls it. `model` is the bare (peft) model, `engine` what trains it."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
-
     w = world()
     final = Path(run_dir) / "checkpoints" / f"step-{step}"
     tmp = final.parent / f".step-{step}.tmp"
     if w.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crash mid-save
+        for leftover in final.parent.glob(".step-*.tmp"):  # a crash mid-save left it: never read
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    try:
+        _write_checkpoint_files(tmp, step, model, engine, optimizer, scheduler, state, cfg)
+        barrier()
+        if w.is_main:
+            write_manifest(tmp, fingerprints["run"], {"stage": "checkpoint", "step": step, **fingerprints,
+                                                      "files": file_checksums(tmp)})
+    except OSError as exc:  # disk full, quota, read-only filesystem: the previous checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        raise SFTError(f"cannot write checkpoint step-{step} in {final.parent}: {exc.strerror or exc} "
+                       f"({exc.filename or 'no file name'}). Nothing was replaced: "
+                       f"{previous or 'no earlier checkpoint'} is intact. Free space, then re-run the same "
+                       "command to resume from it.") from None
+    if w.is_main:
+        if final.exists():  # re-saving a step after a resume: keep the old copy whole until the new is in place
+            old = final.parent / f".step-{step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        prune(run_dir, keep_last)
+    barrier()
+    return final
+
+
+def _write_checkpoint_files(tmp: Path, step: int, model, engine, optimizer, scheduler, state, cfg) -> None:
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    w = world()
     torch.save(rng_state(), tmp / f"rng-rank{w.rank}.pt")
     if is_fsdp(engine):
         dcp.save(_sharded_state(engine, optimizer), checkpoint_id=str(tmp / "dcp"))
     elif w.is_main:  # DDP replicas are identical: one copy is enough
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    fault_point("checkpoint", step)  # reliability tests: killed or out of space with the weights half written
     if w.is_main:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         write_json_atomic(tmp / "trainer_state.json", {**state, "world_size": w.world_size})
         (tmp / "config.yaml").write_text(to_yaml(cfg))
-    barrier()
-    if w.is_main:
-        write_manifest(tmp, fingerprints["run"], {"stage": "checkpoint", "step": step, **fingerprints})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        prune(run_dir, keep_last)
-    barrier()
-    return final
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` but the manifest, by relative path."""
+    return {str(p.relative_to(folder)): hash_file(p) for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None when every file the manifest lists is there with its recorded sha256, else the problem.
+    Checkpoints written before checksums were recorded have nothing to check and pass."""
+    recorded = (read_manifest(folder) or {}).get("files")
+    if recorded is None:
+        return None
+    for name, digest in sorted(recorded.items()):
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if hash_file(path) != digest:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def resumable_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose files verify; damaged ones are reported and skipped.
+    Raises when checkpoints exist but none verifies (resuming from nothing would silently start over)."""
+    found = checkpoints(run_dir)
+    damaged = []
+    for _, folder in reversed(found):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            if damaged:
+                ui.err.print(f"[yellow]resuming from the previous checkpoint {folder.name}[/]")
+            return folder
+        damaged.append(folder)
+        ui.err.print(f"[bold yellow]refusing checkpoint {folder}[/]: {problem} (damaged or tampered with)")
+    if damaged:
+        raise SFTError(f"no usable checkpoint in {Path(run_dir) / 'checkpoints'}: all {len(damaged)} fail their "
+                       "checksums. Restore them, or start over with trainer.resume=never.")
+    return None
+
+
+def _load_tensors(path: Path):
+    """torch.load that only accepts tensors and plain data; anything else is a clear refusal."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise SFTError(f"refusing to load {path}: not a plain tensor file ({str(exc).splitlines()[0][:200]}). "
+                       "Checkpoints never run code on load; restore the file or use trainer.resume=never.") from None
 
 
 def load_checkpoint(folder: Path, model, engine, optimizer, scheduler) -> dict:
@@ -136,9 +221,9 @@ def load_checkpoint(folder: Path, model, engine, optimizer, scheduler) -> dict:
                        options=StateDictOptions(ignore_frozen_params=True))
     else:
         load_trainable_state(model, load_file(str(folder / "trainable.safetensors")))
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(folder / f"rng-rank{w.rank}.pt", weights_only=True))
+        optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt"))
+    scheduler.load_state_dict(_load_tensors(folder / "scheduler.pt"))
+    set_rng_state(_load_tensors(folder / f"rng-rank{w.rank}.pt"))
     return state
 
 

@@ -26,7 +26,13 @@ import torch
 
 from sft_cli import console as ui
 from sft_cli.artifacts import fingerprint, is_complete, read_manifest, write_text_atomic
-from sft_cli.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
+from sft_cli.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    resumable_checkpoint,
+    save_checkpoint,
+    save_final,
+)
 from sft_cli.config import SFTConfig, to_yaml
 from sft_cli.data.collate import VARLEN_BACKENDS, Collator
 from sft_cli.data.pack import ensure_packed
@@ -228,7 +234,7 @@ def train(cfg: SFTConfig) -> int:
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
 
     step, state = 0, {"tokens": 0, "loss_tokens": 0, "bad_streak": 0, "elapsed_s": 0.0}
-    resume_from = latest_checkpoint(run_dir) if cfg.trainer.resume == "auto" else None
+    resume_from = resumable_checkpoint(run_dir) if cfg.trainer.resume == "auto" else None
     if resume_from is not None:
         _check_resumable(resume_from, fingerprints)
         state = load_checkpoint(resume_from, model, engine, optimizer, scheduler)
@@ -341,11 +347,18 @@ def _check_resumable(folder: Path, fingerprints: dict) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop lines past the checkpoint so the file reads like one uninterrupted run."""
+    """After a resume, drop lines past the checkpoint so the file reads like one uninterrupted run.
+    A kill mid-write can leave a torn last line: it is past the checkpoint too, so it goes."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-            and (step > 0)]
+    kept = []
+    for line in path.read_text().splitlines() if step > 0 else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            kept.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
