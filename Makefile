@@ -5,7 +5,7 @@ SFT     := .venv/bin/sft
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench bench-prepare bench-pack bench-train clean
+.PHONY: install demo test lint reliability bench bench-prepare bench-pack bench-train clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+# The whole reliability battery (slow fault tests, more hypothesis examples, 1M-row scale run)
+# -> RELIABILITY.md. `make test` runs its fast subset.
+reliability: install
+	$(PY) tests/reliability/report.py
 
 lint: install
 	.venv/bin/ruff check sft_cli tests

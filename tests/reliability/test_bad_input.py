@@ -266,3 +266,15 @@ def test_prepare_rejects_each_bad_class_at_its_line_and_keeps_the_rest(tmp_path,
     record_property("trials", len(CLASSES))
     record_property("passes", len(CLASSES))
     record_property("rows_lost", non_blank - report["kept"] - report["rejected"])
+
+
+def test_a_chat_template_cannot_reach_python_internals(tiny_dir, tmp_path):
+    """a chat template (data from a downloaded tokenizer) runs sandboxed: no Python internals"""
+    tokenizer = load_tokenizer(str(tiny_dir("chatml")), chat_template="chatml")
+    tokenizer.chat_template = ("{{ ''.__class__.__mro__[1].__subclasses__() }}"
+                               "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    renderer = Renderer(tokenizer, "assistant", 512, "drop", formats={"s": "auto"}, columns={"s": {}},
+                        special_ids=set())
+    out = renderer({"source": ["s"], "location": ["s.jsonl:1"], "error": [None],
+                    "raw": [json.dumps({"messages": [HI, {"role": "assistant", "content": "x"}]})]})
+    assert out["reason"] == ["template_error"] and "unsafe" in out["detail"][0].lower()

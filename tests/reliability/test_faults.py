@@ -256,3 +256,32 @@ def test_killed_prepare_or_pack_is_rebuilt_never_read(data, tmp_path, stage, rec
     assert report["max_seq_len"] == 200
     record_property("trials", 2)
     record_property("passes", 2)
+
+
+class _RunsCodeOnLoad:
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):  # unpickling calls open(sentinel, "w"): proof that code ran
+        return (open, (str(self.sentinel), "w"))
+
+
+def test_a_checkpoint_file_that_would_run_code_is_refused(data, tmp_path, record_property):
+    """a checkpoint that would run code on load (checksums forged to match) is refused"""
+    import pickle
+
+    from sft_cli.artifacts import write_json_atomic
+    from sft_cli.checkpoint import file_checksums
+
+    run_dir, sentinel = tmp_path / "run", tmp_path / "pwned"
+    assert _sft(_args(data, run_dir), env={"SFT_FAULT_KILL_STEP": "5"}).returncode == -signal.SIGKILL
+    newest = run_dir / "checkpoints" / "step-4"
+    (newest / "scheduler.pt").write_bytes(pickle.dumps(_RunsCodeOnLoad(sentinel)))
+    manifest = json.loads((newest / "manifest.json").read_text())
+    write_json_atomic(newest / "manifest.json", {**manifest, "files": file_checksums(newest)})
+    result = _sft(_args(data, run_dir))
+    assert result.returncode == 1 and "refusing to load" in result.stderr and "scheduler.pt" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not sentinel.exists()
+    record_property("trials", 1)
+    record_property("passes", 1)
