@@ -121,7 +121,7 @@ def _jsonl_rows(paths: list[str], name: str) -> Iterator[dict]:
                 if not line.strip():
                     continue  # blank lines hold no row
                 try:
-                    text = line.decode("utf-8")
+                    text = line.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a BOM may open the file
                 except UnicodeDecodeError as exc:
                     yield {"source": name, "location": location, "raw": None,
                            "error": f"invalid_utf8: byte {exc.start}"}
@@ -132,7 +132,7 @@ def _jsonl_rows(paths: list[str], name: str) -> Iterator[dict]:
 def _json_rows(paths: list[str], name: str) -> Iterator[dict]:
     for path in paths:
         try:
-            text = Path(path).read_bytes().decode("utf-8")
+            text = Path(path).read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             yield {"source": name, "location": path, "raw": None, "error": f"invalid_utf8: byte {exc.start}"}
             continue

@@ -278,3 +278,10 @@ def test_a_chat_template_cannot_reach_python_internals(tiny_dir, tmp_path):
     out = renderer({"source": ["s"], "location": ["s.jsonl:1"], "error": [None],
                     "raw": [json.dumps({"messages": [HI, {"role": "assistant", "content": "x"}]})]})
     assert out["reason"] == ["template_error"] and "unsafe" in out["detail"][0].lower()
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(_chat(1)).encode() + b"\n" + json.dumps(_chat(2)).encode())
+    rows = list(_jsonl_rows([str(path)], "bom"))
+    assert [json.loads(r["raw"]) for r in rows] == [_chat(1), _chat(2)]
