@@ -99,6 +99,7 @@ def _stage_recipes(overrides: list[str], workdir: Path) -> list[str]:
             path = _resolve_recipe(value.strip())
             stem = path.stem
             text = path.read_text()
+            _refuse_code_in_recipe(path, text)
             if "@package _global_" not in text.split("\n", 1)[0]:
                 text = "# @package _global_\n" + text
             (workdir / "recipe").mkdir(exist_ok=True)
@@ -136,24 +137,141 @@ def _schema_keys() -> list[str]:
     return list(walk(SFTConfig, ""))
 
 
+# Flags of Hydra's command line that take the next argument as their value.
+VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp", "--config-name",
+               "-cn", "--config-dir", "-cd", "--experimental-rerun")
+
+
+def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(flags with their values, key=value overrides): argparse takes one run of positionals."""
+    flags, positional, rest = [], [], iter(args)
+    for arg in rest:
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in VALUE_FLAGS:
+                flags.append(next(rest, ""))
+        else:
+            positional.append(arg)
+    return flags, positional
+
+
+def _config_groups() -> set[str]:
+    """Names that select a config file rather than set a value: conf/ folders and recipe."""
+    return {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {"recipe"}
+
+
 def _check_override_keys(overrides: list[str]) -> None:
-    """Catch command-line typos before Hydra does, with a did-you-mean fix."""
+    """Catch command-line key mistakes before Hydra does, naming the key, with a did-you-mean fix.
+
+    The schema is closed: `+key=` may only add a config group (`+sweep=NAME`), `~key` may only
+    drop one, and no override may name `_target_` (Hydra would import and call it)."""
     keys = _schema_keys()
-    for arg in overrides:
-        if arg.startswith(("-", "+", "~", "hydra.", "hydra/", "recipe=")) or "=" not in arg:
+    groups = _config_groups()
+    for arg in _split_flags(overrides)[1]:
+        if arg.startswith("recipe="):
             continue
-        key = arg.split("=", 1)[0]
-        if key in keys or key.split("[")[0] in keys or key in ("model", "peft"):
-            continue
-        close = difflib.get_close_matches(key, keys, n=2, cutoff=0.6)
-        fix = f"did you mean {' or '.join(close)}?" if close else "see every key with `sft VERB --cfg job`"
-        raise ConfigError(key, "is not a config key", fix)
+        raw_key = arg.split("=", 1)[0]
+        prefix = raw_key[: len(raw_key) - len(raw_key.lstrip("+~"))]
+        key = raw_key[len(prefix):]
+        if not key:
+            raise ConfigError(arg, "has no key before '='", "write KEY=VALUE, e.g. seed=1")
+        if "_target_" in key.split("."):
+            raise ConfigError(key, "names _target_: config may not choose code to run", "remove this override")
+        group = key.split("@")[0]
+        if key.startswith(("hydra.", "hydra/")) or group in groups:
+            continue  # Hydra's own keys and config groups: Hydra checks these itself
+        if "=" not in arg and prefix != "~":
+            raise ConfigError(key, "has no value", f"write {key}=VALUE")
+        if "[" in key and key.split("[")[0] in keys:
+            base = key.split("[")[0]
+            raise ConfigError(key, "cannot be set by index on the command line",
+                              f"set the whole list: {base}=[{{path: a.jsonl, weight: 0.5}}, ...]")
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=2, cutoff=0.6)
+            fix = f"did you mean {' or '.join(close)}?" if close else "see every key with `sft VERB --cfg job`"
+            raise ConfigError(key, "is not a config key", fix)
+        if prefix == "+":
+            raise ConfigError(key, "is already a config key: '+' would add it again", f"set it with {key}=...")
+        if prefix == "~":
+            raise ConfigError(key, "is part of the schema and cannot be deleted", f"set it instead: {key}=...")
+
+
+def _check_override_syntax(hydra_args: list[str]) -> None:
+    """Parse every override with Hydra's own grammar first: its parse errors do not name the key."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for arg in _split_flags(hydra_args)[1]:
+        key = arg.split("=", 1)[0].lstrip("+~") or arg
+        try:
+            override = parser.parse_override(arg)
+        except HydraException as exc:
+            raise ConfigError(key, f"cannot parse '{arg}': {str(exc).splitlines()[0]}",
+                              "quote values with special characters, e.g. key='a,b' (shell: \"key='a,b'\")") from None
+        if _target_paths(_literal_values(override)):
+            raise ConfigError(key, "sets a _target_: config may not choose code to run", "remove the _target_ key")
+
+
+def _literal_values(override):
+    """The values an override spells out: its value, or a choice sweep's options. Range and glob
+    sweeps are left alone (numbers or names; expanding a range could take any amount of memory)."""
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        return list(value.list)
+    return [] if override.is_sweep_override() else value
+
+
+def _target_paths(node, prefix: str = "") -> list[str]:
+    """Dotted paths of every `_target_` key inside a parsed YAML/override value."""
+    found = []
+    if isinstance(node, dict):
+        for name, value in node.items():
+            path = f"{prefix}.{name}" if prefix else str(name)
+            if name == "_target_":
+                found.append(path)
+            found += _target_paths(value, path)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _target_paths(value, f"{prefix}[{i}]")
+    return found
+
+
+def _refuse_code_in_recipe(path: Path, text: str) -> None:
+    """A recipe is data: refuse anything that would make Hydra import and call code.
+
+    `_target_` is how Hydra names a callable to instantiate (callbacks, launchers, sweepers), and
+    hydra.callbacks / hydra.searchpath / hydra/ group choices are how a config file reaches it;
+    all are refused before Hydra composes anything. Parsed with yaml.safe_load (no python tags)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("recipe", f"{path} is not valid YAML: {' '.join(str(exc).split())[:300]}",
+                          "fix the file (yaml.safe_load must read it)") from None
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError("recipe", f"{path} holds a {type(data).__name__}, not a mapping of keys",
+                          "write key: value lines, e.g. seed: 1")
+    hydra_node = data.get("hydra") if isinstance(data.get("hydra"), dict) else {}
+    refused = _target_paths(data) + [f"hydra.{k}" for k in ("callbacks", "searchpath") if k in hydra_node]
+    for i, entry in enumerate(data.get("defaults") or []):
+        names = entry.keys() if isinstance(entry, dict) else [entry]
+        if any("hydra/" in str(name) for name in names):
+            refused.append(f"defaults[{i}]")
+    if refused:
+        raise ConfigError(refused[0], f"in recipe {path}: a recipe may not configure code to run "
+                          "(_target_, hydra.callbacks, hydra.searchpath, hydra/ groups)", "remove it from the recipe")
 
 
 def _config_error_from_omegaconf(exc: Exception) -> ConfigError:
     key = getattr(exc, "full_key", None) or "config"
     message = str(exc).split("\n")[0]
-    if "Missing mandatory value" in message:
+    if "missing mandatory value" in message.lower():
         return ConfigError(key, "is required but not set", f"set it in the recipe or pass {key}=...")
     return ConfigError(key, message, "check the key name and type with `sft VERB --cfg job`")
 
@@ -164,6 +282,8 @@ def _run_verb(verb: str, cfg_node, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from sft_cli.config import validate
+
     outcome = {"run_dir": None}
 
     def body() -> int:
@@ -172,7 +292,8 @@ def _run_verb(verb: str, cfg_node, overrides: list[str]) -> dict:
             cfg = OmegaConf.to_object(cfg_node)
         except OmegaConfBaseException as exc:
             raise _config_error_from_omegaconf(exc) from None
-        outcome["run_dir"] = cfg.run_dir
+        outcome["run_dir"] = cfg.run_dir  # set first: a failed sweep point is still recorded under its folder
+        validate(cfg)  # every verb: nothing runs on an out-of-range or unknown-choice value
         return int(importlib.import_module(VERBS[verb][0]).run(cfg) or 0)
 
     code = guarded(body)
@@ -227,6 +348,11 @@ def guarded(body) -> int:
     except KeyboardInterrupt:
         err_console.print(f"{rank}[yellow]interrupted[/]")
         return 130
+    except OSError as exc:  # the machine, not us: disk full, permissions, a file gone (errno says which)
+        where = f" ({exc.filename})" if exc.filename else ""
+        LAST_ERROR[0] = f"{exc.strerror or exc}{where}"
+        err_console.print(f"{rank}[bold red]error[/] {escape(LAST_ERROR[0])}")
+        return 1
     except Exception as exc:  # a bug of ours, or a peer rank that died: say so, keep the traceback out of the way
         log = Path(tempfile.gettempdir()) / f"sft-error{'-rank' + os.environ['RANK'] if rank else ''}.log"
         log.write_text(traceback.format_exc())
@@ -271,13 +397,15 @@ def main(argv: list[str] | None = None) -> None:
     _register_resolvers()
     workdir = Path(tempfile.mkdtemp(prefix="sft-recipes-"))
     exit_codes: list[int] = []
+    saved_argv = sys.argv
     try:
         try:
             overrides = _saved_run_as_recipe(verb, overrides)
             _check_override_keys(overrides)
             hydra_args = _stage_recipes(overrides, workdir)
+            _check_override_syntax(hydra_args)
         except ConfigError as exc:
-            err_console.print(f"[bold red]config error[/] {exc}")
+            err_console.print(f"[bold red]config error[/] {escape(str(exc))}")
             sys.exit(2)
 
         @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -287,14 +415,7 @@ def main(argv: list[str] | None = None) -> None:
             return outcome
 
         # Flags (-m, --cfg job, --help) before the overrides: argparse takes one run of positionals.
-        flags, positional, args = [], [], iter(hydra_args)
-        for arg in args:
-            if arg.startswith("-"):
-                flags.append(arg)
-                if arg in ("--cfg", "-c", "--package", "-p", "--info", "-i"):  # flags that take a value
-                    flags.append(next(args, ""))
-            else:
-                positional.append(arg)
+        flags, positional = _split_flags(hydra_args)
         sys.argv = [f"sft {verb}", *flags, f"hydra.job.name=sft-{verb}", *positional]
         try:
             task()
@@ -303,9 +424,23 @@ def main(argv: list[str] | None = None) -> None:
             # which happen before any task ran: those are config errors, exit 2.
             code = exc.code if isinstance(exc.code, int) else 1
             sys.exit(2 if code == 1 and not exit_codes else code)
+        except Exception as exc:  # raised by Hydra outside its own reporting (e.g. a bad hydra.mode)
+            kind = "error" if exit_codes else "config error"
+            err_console.print(f"[bold red]{kind}[/] {type(exc).__name__}: {escape(str(exc)[:500])}")
+            sys.exit(1 if exit_codes else 2)
     finally:
+        sys.argv = saved_argv  # main() may be called again in-process (tests): leave no trace
+        _clear_hydra()
         shutil.rmtree(workdir, ignore_errors=True)
     sys.exit(max(exit_codes, default=0))
+
+
+def _clear_hydra() -> None:
+    """Hydra clears its global state itself, except when it fails before or while starting."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
 
 
 if __name__ == "__main__":

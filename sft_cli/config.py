@@ -3,16 +3,29 @@
 Defaults live here and only here; each field's docstring is the documentation
 (`sft VERB --help` shows the composed result). Hydra registers these classes in
 its ConfigStore with struct mode on, so an unknown key or a wrong type is an
-error that names the key before any work starts.
+error that names the key before any work starts; `validate(cfg)` then checks
+every value with a constrained domain (ranges, choices), also before any work.
 
     >>> from sft_cli.config import SFTConfig
     >>> SFTConfig().data.loss_on
     <LossOn.assistant: 'assistant'>
 """
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+from sft_cli.errors import ConfigError
+
+# Choices of plain-string fields, owned here (the modules that act on them may import these).
+# Choices owned by other modules are looked up there at validation time (see validate()).
+PEFT_METHODS = ("lora", "none")
+RESUME_MODES = ("auto", "never")
+PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp")
+MIN_SEQ_LEN = 8  # shorter rows cannot hold a chat template's markers (prepare checks the same)
+MAX_SEQ_LEN = 2**31 - 1  # token counts are stored as int32 (data/prepare.py FEATURES)
+MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy seed sequences take non-negative 64-bit ints
 
 
 class LossOn(str, Enum):
@@ -271,3 +284,209 @@ def run_config(cfg: SFTConfig) -> SFTConfig:
     run = load_config(str(saved))
     run.eval, run.merge, run.run_dir = cfg.eval, cfg.merge, cfg.run_dir
     return run
+
+
+# ---- validation: every value with a constrained domain, checked before any verb runs ----------
+
+
+def validate(cfg: SFTConfig) -> None:
+    """Raise ConfigError(key, problem, fix) for the first value outside its domain.
+
+    Struct mode and the dataclass types already reject unknown keys and wrong types; this catches
+    what they cannot see (a negative batch size, an unknown schedule name), so a bad value fails at
+    once with its key named instead of minutes later, or never, as a confusing internal error.
+    """
+    _validate_top(cfg)
+    _validate_model(cfg.model)
+    _validate_data(cfg.data)
+    _validate_pack(cfg.pack)
+    _validate_peft(cfg.peft)
+    _validate_optim(cfg.optim)
+    _validate_trainer(cfg.trainer)
+    _validate_eval(cfg.eval)
+    _validate_merge(cfg.merge)
+
+
+def _fail(key: str, value: Any, problem: str, fix: str) -> None:
+    raise ConfigError(key, f"{value!r} {problem}", fix)
+
+
+def _int_at_least(key: str, value: int, low: int, fix: str = "", high: int | None = None) -> None:
+    # bool is an int subclass: `true` where a count is expected is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(key, value, "is not an integer", fix or f"use an integer >= {low}")
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        _fail(key, value, f"must be {bound}", fix or f"use an integer {bound}")
+
+
+def _number(key: str, value: float, low: float, high: float = math.inf, *, low_open: bool = False,
+            high_open: bool = False, fix: str = "") -> None:
+    """A finite number in [low, high] (either end open on request); `inf`/`nan` never pass."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        _fail(key, value, "is not a finite number", fix or "use a plain number, e.g. 0.1")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        if high == math.inf:
+            bound = f"> {low}" if low_open else f">= {low}"
+        else:
+            bound = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        _fail(key, value, f"must be {bound}", fix or f"use a value {bound}")
+
+
+def _choice(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        _fail(key, value, "is not a known choice", f"use one of: {', '.join(map(str, choices))}")
+
+
+def _text(key: str, value: Any, *, optional: bool = False, fix: str = "") -> None:
+    """A non-empty string without NUL (which no path or name can hold); None only if optional."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        _fail(key, value, "must be a non-empty string", fix or f"set {key}=...")
+    if "\x00" in value:
+        _fail(key, value, "contains a NUL character", "remove it; no file name can hold one")
+
+
+def _str_list(key: str, value: Any, *, allow_empty: bool = True) -> None:
+    if not isinstance(value, list | tuple) or (not allow_empty and not value):
+        _fail(key, value, "must be a list of strings", f"e.g. {key}=[a,b]")
+    for i, item in enumerate(value):
+        _text(f"{key}[{i}]", item)
+
+
+def _validate_top(cfg: SFTConfig) -> None:
+    _text("run_dir", cfg.run_dir, fix="e.g. run_dir=runs/my-run")
+    _int_at_least("seed", cfg.seed, 0, high=MAX_SEED)
+    _int_at_least("max_seq_len", cfg.max_seq_len, MIN_SEQ_LEN, high=MAX_SEQ_LEN, fix="use e.g. 2048")
+    _int_at_least("show", cfg.show, 0, fix="show=N prints N prepared examples; 0 prints none")
+
+
+def _validate_model(model: ModelConfig) -> None:
+    # Looked up in model.py (which imports torch) at call time: config.py stays import-light.
+    from sft_cli.model import DTYPES, ISOLATING
+
+    _text("model.name_or_path", model.name_or_path, fix="a local HF model folder or a hub id")
+    _text("model.tokenizer", model.tokenizer, optional=True)
+    _choice("model.dtype", model.dtype, ("auto", *DTYPES))
+    _choice("model.attn_implementation", model.attn_implementation, ("auto", *sorted(ISOLATING)))
+    _text("model.revision", model.revision, optional=True)
+
+
+def _validate_source(key: str, src: SourceConfig) -> None:
+    _text(f"{key}.path", src.path, fix="a file, glob, save_to_disk folder or hub dataset id")
+    if src.weight is not None:
+        _number(f"{key}.weight", src.weight, 0, low_open=True, fix="use a positive share, or drop the source")
+    _text(f"{key}.name", src.name, optional=True)
+    if src.name is not None and any(ch in src.name for ch in "\n\r\t"):
+        _fail(f"{key}.name", src.name, "contains a line break or tab", "use a one-line label")
+    _text(f"{key}.hub_split", src.hub_split, fix="e.g. train")
+    for ours, theirs in src.columns.items():
+        _text(f"{key}.columns.{ours}", theirs)
+
+
+def _validate_data(data: DataConfig) -> None:
+    for i, src in enumerate(data.sources):
+        _validate_source(f"data.sources[{i}]", src)
+    _text("data.chat_template", data.chat_template, optional=True)
+    _number("data.eval_fraction", data.eval_fraction, 0, 1, high_open=True, fix="use e.g. 0.05 (0 = no eval split)")
+    if data.num_proc is not None:
+        _int_at_least("data.num_proc", data.num_proc, 1, fix="use a positive worker count, or null for all cores")
+
+
+def _validate_pack(pack: PackConfig) -> None:
+    from sft_cli.data.pack import STRATEGIES  # pack.py owns the strategies (and imports datasets)
+
+    _choice("pack.strategy", pack.strategy, STRATEGIES)
+
+
+def _validate_peft(peft: PeftConfig) -> None:
+    _choice("peft.method", peft.method, PEFT_METHODS)
+    _int_at_least("peft.r", peft.r, 1, fix="use a LoRA rank such as 8 or 16")
+    _number("peft.alpha", peft.alpha, 0, low_open=True, fix="use e.g. 2 * peft.r")
+    _number("peft.dropout", peft.dropout, 0, 1, high_open=True, fix="use e.g. 0.05")
+    if isinstance(peft.target_modules, str):
+        _text("peft.target_modules", peft.target_modules, fix="use all-linear or a list of module names")
+    else:
+        _str_list("peft.target_modules", peft.target_modules, allow_empty=False)
+    if peft.modules_to_save is not None:
+        _str_list("peft.modules_to_save", peft.modules_to_save)
+
+
+def _validate_optim(optim: OptimConfig) -> None:
+    from sft_cli.schedule import SCHEDULES  # schedule.py imports this module: look up at call time
+
+    _number("optim.lr", optim.lr, 0, low_open=True, fix="use e.g. 2e-4")
+    _number("optim.weight_decay", optim.weight_decay, 0, fix="use e.g. 0.0 or 0.01")
+    if len(optim.betas) != 2:
+        _fail("optim.betas", optim.betas, "must be two numbers", "use e.g. optim.betas=[0.9,0.999]")
+    for i, beta in enumerate(optim.betas):
+        _number(f"optim.betas[{i}]", beta, 0, 1, high_open=True, fix="AdamW betas lie in [0, 1), e.g. [0.9,0.999]")
+    _number("optim.eps", optim.eps, 0, low_open=True, fix="use e.g. 1e-8")
+    _choice("optim.schedule", optim.schedule, tuple(SCHEDULES))
+    _int_at_least("optim.warmup_steps", optim.warmup_steps, 0)
+    _number("optim.warmup_ratio", optim.warmup_ratio, 0, 1, fix="a fraction of the total steps, e.g. 0.03")
+    _number("optim.min_lr_ratio", optim.min_lr_ratio, 0, 1, fix="a fraction of the peak lr, e.g. 0.1")
+    _number("optim.max_grad_norm", optim.max_grad_norm, 0, fix="use e.g. 1.0 (0 = no clipping)")
+
+
+def _validate_nproc(value: Any) -> None:
+    # Any-typed (an int or `auto`); launch.py turns it into a count the same way.
+    if value == "auto":
+        return
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail("trainer.nproc", value, "is not a process count", "use a positive int or auto")
+
+
+def _validate_endpoint(endpoint: str | None) -> None:
+    if endpoint is None:
+        return
+    host, _, port = str(endpoint).rpartition(":")
+    if not host.strip() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        _fail("trainer.rdzv_endpoint", endpoint, "is not HOST:PORT", "e.g. 10.0.0.1:29500")
+
+
+def _validate_trainer(trainer: TrainerConfig) -> None:
+    _int_at_least("trainer.micro_batch_size", trainer.micro_batch_size, 1)
+    _int_at_least("trainer.grad_accum", trainer.grad_accum, 1)
+    if trainer.max_steps != -1:
+        _int_at_least("trainer.max_steps", trainer.max_steps, 1, fix="use a positive step count, or -1 for epochs")
+    _number("trainer.epochs", trainer.epochs, 0, low_open=True, fix="use e.g. 1 or 0.5")
+    _number("trainer.neftune_alpha", trainer.neftune_alpha, 0, fix="use e.g. 5 (0 = off)")
+    _int_at_least("trainer.save_every", trainer.save_every, 0, fix="steps between checkpoints (0 = only at the end)")
+    _int_at_least("trainer.keep_last", trainer.keep_last, 0, fix="checkpoints to keep, e.g. 2 (0 = keep all)")
+    _int_at_least("trainer.eval_every", trainer.eval_every, 0, fix="steps between evals (0 = only at the end)")
+    _int_at_least("trainer.log_every", trainer.log_every, 1)
+    _int_at_least("trainer.max_bad_steps", trainer.max_bad_steps, 0)
+    _choice("trainer.resume", trainer.resume, RESUME_MODES)
+    _validate_nproc(trainer.nproc)
+    _int_at_least("trainer.nnodes", trainer.nnodes, 1)
+    _int_at_least("trainer.node_rank", trainer.node_rank, 0, high=trainer.nnodes - 1,
+                  fix="give each node a distinct rank from 0 to trainer.nnodes - 1")
+    _validate_endpoint(trainer.rdzv_endpoint)
+    _choice("trainer.parallel", trainer.parallel, PARALLEL_STRATEGIES)
+
+
+def _validate_eval(ev: EvalConfig) -> None:
+    _text("eval.model", ev.model, optional=True)
+    for i, src in enumerate(ev.sources):
+        _validate_source(f"eval.sources[{i}]", src)
+    _text("eval.prompts", ev.prompts, optional=True)
+    _int_at_least("eval.num_prompts", ev.num_prompts, 0)
+    _int_at_least("eval.max_new_tokens", ev.max_new_tokens, 1)
+    _number("eval.temperature", ev.temperature, 0, low_open=True, fix="use e.g. 0.7 (greedy replies are made too)")
+    _number("eval.top_p", ev.top_p, 0, 1, low_open=True, fix="use e.g. 0.9")
+    _text("eval.general_text", ev.general_text, optional=True)
+    _int_at_least("eval.micro_batch_size", ev.micro_batch_size, 1)
+    _str_list("eval.harness_tasks", ev.harness_tasks)
+
+
+def _validate_merge(merge: MergeConfig) -> None:
+    from sft_cli.merge import SHARD_SIZE  # merge.py owns the size syntax (what huggingface_hub parses)
+
+    if not SHARD_SIZE.match(str(merge.max_shard_size)):
+        _fail("merge.max_shard_size", merge.max_shard_size, "is not a size", "use a number and a unit: 500MB, 2GB")

@@ -31,7 +31,7 @@ from sft_cli.artifacts import atomic_dir, is_complete, write_json_atomic, write_
 from sft_cli.config import Format, SFTConfig, run_config
 from sft_cli.data.collate import Collator
 from sft_cli.data.packing import IGNORE_INDEX, position_ids
-from sft_cli.errors import ConfigError, SFTError
+from sft_cli.errors import ConfigError, SFTError, load_error
 from sft_cli.loss import shifted_targets
 from sft_cli.model import decoder, lm_head, pick_attention, pick_dtype
 
@@ -195,7 +195,7 @@ def load_for_eval(cfg: SFTConfig, tokenizer, path: Path | None):
 
             model = PeftModel.from_pretrained(model, str(path))
     except (OSError, ValueError, RuntimeError) as exc:
-        raise SFTError(f"cannot load {path or cfg.model.name_or_path}: {str(exc).splitlines()[0][:200]}") from None
+        raise load_error(str(path or cfg.model.name_or_path), exc) from None
     model.config.use_cache = False
     return model.eval()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from sft_cli.config import SFTConfig
-from sft_cli.errors import ConfigError, SFTError
+from sft_cli.errors import ConfigError, load_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Backends that isolate packed examples given restarting position_ids (see data/collate.py).
@@ -109,8 +109,7 @@ def load_model(cfg: SFTConfig, tokenizer, path: str):
             resolve_model(path), dtype=dtype, attn_implementation=attn,
             trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     except (OSError, ValueError) as exc:
-        raise SFTError(f"cannot load model '{path}': {str(exc).splitlines()[0][:200]}. Offline? Set "
-                       "model.name_or_path to a local folder.") from None
+        raise load_error(f"model '{path}'", exc, "Offline? Set model.name_or_path to a local folder.") from None
     model.config.use_cache = False  # a KV cache would switch off packed-sequence masking
     added_tokens = len(tokenizer) > model.get_input_embeddings().weight.shape[0]
     if added_tokens:

@@ -36,10 +36,15 @@ def swept_keys(overrides: list[str]) -> list[str]:
 
 
 def point_name(job_overrides: list[str], keys: list[str]) -> str:
-    """`optim.lr=0.0001,seed=0` from this job's values of the swept keys (in command-line order)."""
+    """`optim.lr=0.0001,seed=0` from this job's values of the swept keys (in command-line order).
+
+    The name is one folder inside the sweep's run_dir whatever the values hold: path separators
+    and control characters (NUL, newlines) become `-`, spaces go, and `.`/`..` cannot result."""
     values = dict(arg.lstrip("+").split("=", 1) for arg in job_overrides if "=" in arg)
     parts = [f"{key}={values[key]}" for key in keys if key in values]
-    return ",".join(parts).replace("/", "-").replace(" ", "") or "point"
+    name = "".join("-" if ch == "/" or ord(ch) < 32 or ord(ch) == 127 else ch for ch in ",".join(parts))
+    name = name.replace(" ", "")
+    return name if name.strip(".") else "point"
 
 
 class SweepSummary(Callback):

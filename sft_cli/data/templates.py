@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sft_cli.errors import ConfigError, SFTError
+from sft_cli.errors import ConfigError, load_error
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 # Markers a built-in template writes that must be single special tokens.
@@ -50,10 +50,8 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None, trust_re
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code,
                                                   revision=revision)
     except (OSError, ValueError) as exc:
-        raise SFTError(
-            f"cannot load the tokenizer '{name_or_path}' ({str(exc).splitlines()[0][:160]}). "
-            "Offline? Set model.name_or_path (or model.tokenizer) to a local model folder."
-        ) from None
+        raise load_error(f"the tokenizer '{name_or_path}'", exc,
+                         "Offline? Set model.name_or_path (or model.tokenizer) to a local model folder.") from None
     if not tokenizer.is_fast:
         raise ConfigError("model.tokenizer", f"'{name_or_path}' has no fast (Rust) tokenizer",
                           "use a model with tokenizer.json; loss masks need character offsets")
