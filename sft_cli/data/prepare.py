@@ -43,7 +43,7 @@ from sft_cli.data.sources import content_fingerprint, default_num_proc, load_sou
 from sft_cli.data.templates import load_tokenizer, special_token_ids
 from sft_cli.errors import ConfigError, SFTError
 
-PREPARE_VERSION = 1  # bump when the output of the same inputs changes
+PREPARE_VERSION = 2  # bump when the output of the same inputs changes (2: control tokens in text rejected, BOM)
 KEPT_COLUMNS = ["input_ids", "labels", "source", "location", "num_tokens", "num_loss_tokens"]
 FEATURES = datasets.Features({
     "input_ids": datasets.Sequence(datasets.Value("int32")),

@@ -4,6 +4,7 @@ examples) and the 1M-row scale check, then write RELIABILITY.md from what they m
     python tests/reliability/report.py                 # everything (~25 min on 2 cores)
     python tests/reliability/report.py --no-scale      # without the 1M-row prepare + pack run
     python tests/reliability/report.py --examples 50   # fewer hypothesis examples per property
+    python tests/reliability/report.py --scale-json s.json   # a scale result measured before
 """
 
 from __future__ import annotations
@@ -98,17 +99,28 @@ def main() -> int:
     parser.add_argument("--examples", type=int, default=300, help="hypothesis examples per property")
     parser.add_argument("--no-scale", action="store_true", help="skip the 1M-row prepare + pack run")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the scale run")
+    parser.add_argument("--scale-json", help="use this `sft_cli.bench.scale --json` result instead of a new run")
     parser.add_argument("--out", default=str(REPO / "RELIABILITY.md"))
+    parser.add_argument("--results", default=str(REPO / "runs" / "reliability" / "results.jsonl"),
+                        help="where the battery's per-test results go (kept for --render-only)")
+    parser.add_argument("--render-only", action="store_true", help="write the report from --results, run nothing")
     args = parser.parse_args()
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        results = Path(tmp) / "results.jsonl"
-        code = run_battery(results, args.examples)
+        results, code = Path(args.results), 0
+        if not args.render_only:
+            results.parent.mkdir(parents=True, exist_ok=True)
+            results.unlink(missing_ok=True)
+            code = run_battery(results, args.examples)
         records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
         for r in records:
             r["area"] = AREAS.get(Path(r["test"].split("::")[0]).name, "other")
-        scale = None if args.no_scale else run_scale(Path(tmp) / "scale.json", args.rows)
-    command = "python tests/reliability/report.py" + "".join(f" {a}" for a in sys.argv[1:])
+        if args.scale_json:
+            scale = json.loads(Path(args.scale_json).read_text())
+        else:
+            scale = None if args.no_scale or args.render_only else run_scale(Path(tmp) / "scale.json", args.rows)
+    command = "python tests/reliability/report.py" + "".join(
+        f" {a}" for a in sys.argv[1:] if a not in ("--render-only",))
     Path(args.out).write_text(render(records, scale, command, time.time() - started))
     print(f"wrote {args.out}: {sum(r['outcome'] == 'passed' for r in records)}/{len(records)} passed")
     return code or (0 if scale is None or scale.get("passed") else 1)
