@@ -31,7 +31,7 @@ from sft_cli.data.templates import load_tokenizer
 
 pytestmark = pytest.mark.reliability
 
-STATS = {"rows": 0, "kept": 0}  # across hypothesis examples, for the reliability report
+STATS = {"rows": 0, "kept": 0, "files": 0}  # across hypothesis examples, for the reliability report
 EXAMPLES = int(os.environ.get("SFT_FUZZ_EXAMPLES", 60))
 CONTROL = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 ROLES = ["user", "assistant", "system", "human", "gpt", "tool", "", "USER", None, 3]
@@ -182,7 +182,7 @@ def test_every_row_kept_with_a_correct_mask_or_rejected_with_a_reason(renderer, 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.binary(max_size=60), min_size=1, max_size=20))
-def test_random_bytes_files_yield_one_located_row_per_line(tmp_path_factory, lines_bytes):
+def test_random_bytes_files_yield_one_located_row_per_line(tmp_path_factory, record_property, lines_bytes):
     path = tmp_path_factory.mktemp("bytes") / "random.jsonl"
     # One row per line: split the random bytes at their own newlines, as a reader would.
     path.write_bytes(b"\n".join(lines_bytes))
@@ -192,6 +192,8 @@ def test_random_bytes_files_yield_one_located_row_per_line(tmp_path_factory, lin
     assert [int(r["location"].rsplit(":", 1)[1]) for r in rows] == expected
     for r in rows:
         assert (r["raw"] is None) == (r["error"] is not None)
+    STATS["files"] += 1
+    record_property("trials", STATS["files"])
 
 
 # -- the real `sft prepare` on one row of every class ------------------------------------------
@@ -266,6 +268,13 @@ def test_prepare_rejects_each_bad_class_at_its_line_and_keeps_the_rest(tmp_path,
     record_property("trials", len(CLASSES))
     record_property("passes", len(CLASSES))
     record_property("rows_lost", non_blank - report["kept"] - report["rejected"])
+    record_property("cases", [[_abbreviate(row), reason] for row, reason in CLASSES])
+
+
+def _abbreviate(row) -> str:
+    text = row.decode("latin-1") if isinstance(row, bytes) else row if isinstance(row, str) else json.dumps(row)
+    text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= 70 else f"{text[:60]}... ({len(text):,} chars)"
 
 
 def test_a_chat_template_cannot_reach_python_internals(tiny_dir, tmp_path):
