@@ -50,6 +50,11 @@ bench-pack: install
 bench-train: install
 	$(PY) -m sft_cli.bench.train
 
+# 1M generated conversations through sft prepare + sft pack, each under 4 GiB peak RSS (~20 min on 2 cores).
+.PHONY: bench-scale
+bench-scale: install
+	$(PY) -m sft_cli.bench.scale
+
 # Every benchmark against TRL; each writes its own section of BENCHMARKS.md.
 bench: bench-prepare bench-pack bench-train
 

@@ -39,6 +39,12 @@ from sft_cli.errors import ConfigError
 PACK_VERSION = 1
 STRATEGIES = ("bfd", "wrapped", "none")
 ROWS_PER_CHUNK = 4096  # rows assembled at once: bounds memory at ~4096 * max_seq_len tokens
+DATA_FILE = "data-00000-of-00001.arrow"  # each packed split is one Arrow stream file, named as datasets names it
+FEATURES = datasets.Features({
+    "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
+    "position_ids": datasets.Sequence(datasets.Value("int32")), "seq_lens": datasets.Sequence(datasets.Value("int32")),
+    "example_ids": datasets.Sequence(datasets.Value("int64")),
+})
 
 
 def ensure_prepared(cfg: SFTConfig) -> Path:
@@ -68,16 +74,13 @@ def ensure_packed(cfg: SFTConfig) -> Path:
         splits = datasets.load_from_disk(str(prepared))
         with atomic_dir(out) as tmp:
             report = {"strategy": cfg.pack.strategy, "max_seq_len": cfg.max_seq_len, "splits": {}}
-            packed = {}
             for name, split in splits.items():
                 # The Arrow column as one numpy array: indexing split["num_tokens"] reads row by row.
                 lengths = split.data.column("num_tokens").to_numpy()
                 rows = plan_rows(lengths, cfg.pack.strategy, cfg.max_seq_len, cfg.seed)
-                packed[name], report["splits"][name] = _write_split(split, rows, cfg.max_seq_len,
-                                                                    tmp / f".{name}.arrow")
-            datasets.DatasetDict(packed).save_to_disk(str(tmp))
-            for name in packed:
-                (tmp / f".{name}.arrow").unlink()
+                _, report["splits"][name] = _write_split(split, rows, cfg.max_seq_len, tmp / name / DATA_FILE)
+                _describe_split(tmp / name, fingerprint(fp, name))
+            write_json_atomic(tmp / "dataset_dict.json", {"splits": list(splits)})  # as DatasetDict writes it
             write_json_atomic(tmp / "report.json", report)
             write_manifest(tmp, fp, {"stage": "pack", "strategy": cfg.pack.strategy})
     ui.print_pack_report(report, out)
@@ -97,29 +100,55 @@ def plan_rows(lengths, strategy: str, max_seq_len: int, seed: int) -> list[list[
     return [[(i, 0, int(lengths[i])) for i in bins[b]] for b in order.tolist()]
 
 
-def _list_values(dataset: datasets.Dataset, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, flat values) of a list column, without Python objects per token."""
-    array = dataset.data.column(column).combine_chunks()
-    return array.offsets.to_numpy().astype(np.int64), array.values.to_numpy()
+class _TokenColumn:
+    """A list<int32> column of a memory-mapped table, read chunk by chunk where it lies.
+
+    combine_chunks() would copy the whole column into memory (2+ GB for input_ids + labels at
+    1M examples); instead each Arrow chunk's offsets and values stay zero-copy numpy views of
+    the mapped file, and gather() reads from each chunk only the pieces a block of rows needs.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, column: str):
+        chunks = dataset.data.column(column).chunks
+        # `offsets` already accounts for a sliced chunk's start; they index into the unsliced `values`.
+        self.offsets = [chunk.offsets.to_numpy() for chunk in chunks]
+        self.values = [chunk.values.to_numpy() for chunk in chunks]
+        self.first = np.cumsum([0] + [len(chunk) for chunk in chunks])  # first example of each chunk
+
+    def gather(self, example: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+        """Tokens start:stop of each example, concatenated in the order given."""
+        seq_lens = stop - start
+        out = np.empty(int(seq_lens.sum()), dtype=np.int32)
+        dest = np.cumsum(seq_lens) - seq_lens  # where each piece lands in `out`
+        chunk = np.searchsorted(self.first, example, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        bounds = np.searchsorted(chunk[order], np.arange(len(self.first)))  # pieces of chunk c: bounds[c]:bounds[c+1]
+        for c in np.flatnonzero(np.diff(bounds)).tolist():
+            mine = order[bounds[c]:bounds[c + 1]]
+            source = self.offsets[c][example[mine] - self.first[c]] + start[mine]
+            out[_ranges(dest[mine], seq_lens[mine])] = self.values[c][_ranges(source, seq_lens[mine])]
+        return out
+
+
+def _ranges(begin: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """begin[0]..begin[0]+lengths[0]-1, begin[1].., concatenated: one vectorised index array."""
+    return np.repeat(begin - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
 
 
 def _write_split(split: datasets.Dataset, rows, max_seq_len: int, path: Path) -> tuple[datasets.Dataset, dict]:
-    offsets, ids = _list_values(split, "input_ids")
-    _, labels = _list_values(split, "labels")
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                        ("position_ids", pa.list_(pa.int32())), ("seq_lens", pa.list_(pa.int32())),
-                        ("example_ids", pa.list_(pa.int64()))])
+    """The packed rows of one split, written block by block straight to the Arrow file `path` (pages
+    written are page cache, not this process's memory): that file as a Dataset, and its report."""
+    ids, labels = _TokenColumn(split, "input_ids"), _TokenColumn(split, "labels")
+    schema = FEATURES.arrow_schema
     real_tokens = loss_tokens = split_examples = max_per_row = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for lo in range(0, len(rows), ROWS_PER_CHUNK):
             chunk = rows[lo:lo + ROWS_PER_CHUNK]
             pieces = np.array([p for row in chunk for p in row], dtype=np.int64).reshape(-1, 3)
             example, start, stop = pieces[:, 0], pieces[:, 1], pieces[:, 2]
             seq_lens = stop - start
-            # Gather every piece's tokens in one vectorised take.
-            piece_begin = offsets[example] + start
-            flat = np.repeat(piece_begin - (np.cumsum(seq_lens) - seq_lens), seq_lens) + np.arange(seq_lens.sum())
-            row_ids, row_labels = ids[flat], labels[flat].copy()
+            row_ids, row_labels = ids.gather(example, start, stop), labels.gather(example, start, stop)
             # Piece starts never carry a label (see packing.mask_example_starts): done in bulk here.
             row_labels[np.cumsum(seq_lens) - seq_lens] = IGNORE_INDEX
             pieces_per_row = np.array([len(row) for row in chunk], dtype=np.int64)
@@ -141,7 +170,7 @@ def _write_split(split: datasets.Dataset, rows, max_seq_len: int, path: Path) ->
             loss_tokens += int((row_labels != IGNORE_INDEX).sum())
             split_examples += int((start > 0).sum())
             max_per_row = max(max_per_row, int(pieces_per_row.max(initial=0)))
-    dataset = datasets.Dataset.from_file(str(path))
+    dataset = datasets.Dataset.from_file(str(path))  # mapped, not read
     n_rows = len(rows)
     report = {
         "rows": n_rows,
@@ -155,3 +184,13 @@ def _write_split(split: datasets.Dataset, rows, max_seq_len: int, path: Path) ->
         "examples_dropped": 0,  # prepare already dropped or cut everything longer than max_seq_len
     }
     return dataset, report
+
+
+def _describe_split(folder: Path, split_fingerprint: str) -> None:
+    """The two files besides the data that make `folder` a Dataset for datasets.load_from_disk, as
+    Dataset.save_to_disk writes them (save_to_disk itself would copy every row once more, reading
+    them through a mapping that holds the whole split in RSS until it is done)."""
+    datasets.DatasetInfo(features=FEATURES).write_to_directory(str(folder))
+    write_json_atomic(folder / "state.json", {
+        "_data_files": [{"filename": DATA_FILE}], "_fingerprint": split_fingerprint, "_format_columns": None,
+        "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None})
