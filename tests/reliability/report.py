@@ -77,15 +77,16 @@ def classes_table(records: list[dict]) -> str:
     cases = next((r["cases"] for r in records if "cases" in r), [])
     if not cases:
         return ""
-    rows = ["| input row (abbreviated) | expected and got |", "|---|---|"]
-    def cell(text: str) -> str:  # markdown: no pipes or backticks inside a code span
-        return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
+    rows = ["| input row | expected and got |", "|---|---|"]
+    def cell(text: str) -> str:  # markdown: no table pipes
+        return text.replace("|", "\\|")
 
     rows += [f"| {cell(text)} | {reason} |" for text, reason in cases]
     return "\n".join(rows)
 
 
-def render(records: list[dict], scale: dict | None, command: str, seconds: float) -> str:
+def render(records: list[dict], scale: dict | None, command: str) -> str:
+    seconds = sum(float(r["seconds"]) for r in records)
     passed = sum(r["outcome"] == "passed" for r in records)
     rows_lost = sum(int(r.get("rows_lost", 0)) for r in records)
     fuzz_rows = sum(int(r.get("rows", 0)) for r in records if r["area"] == "bad input")
@@ -94,7 +95,7 @@ def render(records: list[dict], scale: dict | None, command: str, seconds: float
         "",
         "Every fault and bad-input class we promise to handle, how it is tested, and what the last run measured.",
         f"Produced by `{command}` (`make reliability`) on {platform.machine()}, {os.cpu_count()} cores, "
-        f"{time.strftime('%Y-%m-%d')}, in {seconds / 60:.1f} min. The fast subset of these tests runs in "
+        f"{time.strftime('%Y-%m-%d')}; the tests took {seconds / 60:.1f} min. The fast subset of these tests runs in "
         "`make test` (CI); the slow ones are marked `reliability_slow`.",
         "",
         f"**{passed} of {len(records)} tests passed.** Generated rows pushed through prepare's row pipeline: "
@@ -114,14 +115,14 @@ def render(records: list[dict], scale: dict | None, command: str, seconds: float
         if "prepare" in scale:
             limit = scale.get("limit_mb", 4096)
             parts += ["| stage | rows | seconds | peak RSS MB | limit MB | result |", "|---|---|---|---|---|---|",
-                      f"| prepare | {scale['rows']} | {scale['prepare']['seconds']:.0f} | "
-                      f"{scale['prepare']['peak_rss_mb']:.0f} | {limit} | "
+                      f"| prepare | {scale['rows']:,} conversations | {scale['prepare']['seconds']:.0f} | "
+                      f"{scale['prepare']['peak_rss_mb']:,.0f} | {limit:,} | "
                       f"{'pass' if scale['prepare']['peak_rss_mb'] < limit else 'FAIL'} |",
-                      f"| pack | {scale['pack'].get('rows', '')} rows | {scale['pack']['seconds']:.0f} | "
-                      f"{scale['pack']['peak_rss_mb']:.0f} | {limit} | "
+                      f"| pack | {scale['prepare'].get('kept', 0):,} examples -> {scale['pack'].get('rows', 0):,} rows | "
+                      f"{scale['pack']['seconds']:.0f} | {scale['pack']['peak_rss_mb']:,.0f} | {limit:,} | "
                       f"{'pass' if scale['pack']['peak_rss_mb'] < limit else 'FAIL'} |",
-                      "", f"prepare kept {scale['prepare'].get('kept')} and rejected {scale['prepare'].get('rejected')} "
-                      f"of {scale['prepare'].get('read')} rows read (kept + rejected = read). "
+                      "", f"prepare kept {scale['prepare'].get('kept', 0):,} and rejected {scale['prepare'].get('rejected', 0):,} "
+                      f"of {scale['prepare'].get('read', 0):,} rows read (kept + rejected = read). "
                       "Command: `python -m sft_cli.bench.scale` (also in BENCHMARKS.md)."]
         else:
             parts += [f"scale run failed: {scale.get('error')}"]
@@ -139,7 +140,6 @@ def main() -> int:
                         help="where the battery's per-test results go (kept for --render-only)")
     parser.add_argument("--render-only", action="store_true", help="write the report from --results, run nothing")
     args = parser.parse_args()
-    started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         results, code = Path(args.results), 0
         if not args.render_only:
@@ -154,7 +154,7 @@ def main() -> int:
         else:
             scale = None if args.no_scale or args.render_only else run_scale(Path(tmp) / "scale.json", args.rows)
     command = "python tests/reliability/report.py" + ("" if args.examples == 300 else f" --examples {args.examples}")
-    Path(args.out).write_text(render(records, scale, command, time.time() - started))
+    Path(args.out).write_text(render(records, scale, command))
     print(f"wrote {args.out}: {sum(r['outcome'] == 'passed' for r in records)}/{len(records)} passed")
     return code or (0 if scale is None or scale.get("passed") else 1)
 
