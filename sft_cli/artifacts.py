@@ -59,6 +59,18 @@ def remove_stale_temps(final: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename the finished folder `tmp` to `final`, replacing what is there. Two renames instead of
+    rmtree-then-rename: the old output stays whole until the new one is fully in place."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{_writer_tag()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp sibling of `final`; on success swap it into place, on error remove it."""
@@ -72,15 +84,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         fault_point(final.name)  # reliability tests: a kill here must leave `final` as it was
-        if final.exists():
-            # Two renames instead of rmtree-then-rename: the old output stays whole until
-            # the new one is fully in place.
-            old = final.parent / f".{final.name}.old-{_writer_tag()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        swap_into_place(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,6 @@ safetensors: a checkpoint cannot run code.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import re
@@ -41,6 +40,7 @@ from sft_cli.artifacts import (
     hash_file,
     is_complete,
     read_manifest,
+    swap_into_place,
     write_json_atomic,
     write_manifest,
 )
@@ -122,14 +122,7 @@ def save_checkpoint(run_dir: Path, step: int, model, engine, optimizer, schedule
                        f"{previous or 'no earlier checkpoint'} is intact. Free space, then re-run the same "
                        "command to resume from it.") from None
     if w.is_main:
-        if final.exists():  # re-saving a step after a resume: keep the old copy whole until the new is in place
-            old = final.parent / f".step-{step}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        swap_into_place(tmp, final)  # a step re-saved after a resume replaces its old copy
         prune(run_dir, keep_last)
     barrier()
     return final

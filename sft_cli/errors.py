@@ -27,14 +27,22 @@ class NotImplementedVerb(SFTError):
     exit_code = 2
 
 
-def load_error(what: str, exc: Exception, hint: str = "") -> SFTError:
-    """A failed `from_pretrained` as a message the user can act on. A folder that ships its own
-    Python code (auto_map) is refused by transformers because we pass trust_remote_code=False;
-    its message says so only past the first line, so name the key here."""
+def remote_code_refusal(what: str, exc: Exception) -> ConfigError | None:
+    """transformers refusing a folder that ships its own Python code (auto_map), because we pass
+    trust_remote_code=False; its message says so only past the first line, so name the key here."""
     message = str(exc)
-    if "trust_remote_code" in message or "custom code" in message:
-        return ConfigError("model.trust_remote_code", f"{what} ships its own Python code (auto_map); "
-                           "sft does not run it by default", "set model.trust_remote_code=true in a recipe only "
-                           "if you have read and trust that code")
+    if "trust_remote_code" not in message and "custom code" not in message:
+        return None
+    return ConfigError("model.trust_remote_code", f"{what} ships its own Python code (auto_map); sft does not "
+                       "run it by default", "set model.trust_remote_code=true in a recipe only if you have read "
+                       "and trust that code")
+
+
+def load_error(what: str, exc: Exception, hint: str = "") -> SFTError:
+    """A failed `from_pretrained` as a message the user can act on."""
+    refusal = remote_code_refusal(what, exc)
+    if refusal is not None:
+        return refusal
+    message = str(exc)
     first = message.splitlines()[0][:200] if message else type(exc).__name__
     return SFTError(f"cannot load {what}: {first}" + (f". {hint}" if hint else ""))

@@ -31,7 +31,7 @@ import torch
 from sft_cli import console as ui
 from sft_cli.artifacts import atomic_dir, fingerprint, hash_file, write_manifest
 from sft_cli.config import SFTConfig, run_config
-from sft_cli.errors import ConfigError, SFTError, load_error
+from sft_cli.errors import ConfigError, SFTError, remote_code_refusal
 
 # How far merged may be from base + adapter, per dtype: (max |diff| as a fraction of the largest
 # |logit| (at least 1), RMS of the diff as a fraction of the logits' standard deviation). float32 is
@@ -134,9 +134,8 @@ def load_base(cfg: SFTConfig, final: Path):
         tokenizer = AutoTokenizer.from_pretrained(str(final))
         base = AutoModelForCausalLM.from_pretrained(path, dtype="auto", **kwargs)
     except (OSError, ValueError) as exc:
-        if "custom code" in str(exc) or "trust_remote_code" in str(exc):
-            raise load_error(f"the base model '{name}'", exc) from None
-        raise SFTError(f"cannot load the base model '{name}': {reason(exc)}") from None
+        raise remote_code_refusal(f"the base model '{name}'", exc) or SFTError(
+            f"cannot load the base model '{name}': {reason(exc)}") from None
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
         # Training added tokens (a template's markers) and grew the embeddings the same way; the
         # adapter's modules_to_save then carry the trained rows, which replace these new ones.

@@ -33,7 +33,7 @@ from sft_cli.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from sft_cli.config import SFTConfig, to_yaml
+from sft_cli.config import PARALLEL_STRATEGIES, RESUME_MODES, SFTConfig, to_yaml
 from sft_cli.data.collate import VARLEN_BACKENDS, Collator
 from sft_cli.data.pack import ensure_packed
 from sft_cli.data.prepare import load_prepared_tokenizer
@@ -82,7 +82,7 @@ def parallel_strategy(cfg: SFTConfig, total_params: int) -> str:
     strategy = cfg.trainer.parallel
     if strategy == "auto":
         return "fsdp" if cfg.peft.method == "none" and total_params >= 1_000_000_000 else "ddp"
-    if strategy not in ("ddp", "fsdp"):
+    if strategy not in PARALLEL_STRATEGIES:
         raise ConfigError("trainer.parallel", f"unknown strategy '{strategy}'", "use ddp, fsdp or auto")
     return strategy
 
@@ -240,7 +240,7 @@ def train(cfg: SFTConfig) -> int:
         state = load_checkpoint(resume_from, model, engine, optimizer, scheduler)
         step = state["step"]
         ui.err.print(f"[green]resuming[/] from {resume_from} (step {step} of {total_steps})")
-    elif cfg.trainer.resume not in ("auto", "never"):
+    elif cfg.trainer.resume not in RESUME_MODES:
         raise ConfigError("trainer.resume", f"unknown value '{cfg.trainer.resume}'", "use auto or never")
     elif w.is_main and (run_dir / "checkpoints").exists():
         shutil.rmtree(run_dir / "checkpoints")  # starting over: old checkpoints would mix two runs
@@ -352,7 +352,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines() if step > 0 else []:
+    for line in path.read_text().splitlines() if step > 0 else []:  # step 0: nothing survives
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

@@ -27,6 +27,7 @@ import re
 import numpy as np
 
 from sft_cli.data.formats import RowError, check_trainable, example_hash, normalize
+from sft_cli.data.templates import special_tokens
 
 IGNORE_INDEX = -100
 
@@ -51,9 +52,7 @@ def control_token_pattern(tokenizer) -> re.Pattern | None:
     "<|im_end|>" would end its turn early and inject a fake one. Rows with them are rejected
     (`special_token_in_text`) rather than trained on what inference would parse differently.
     """
-    specials = set(tokenizer.all_special_tokens)
-    specials |= {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
-    specials = sorted((t for t in specials if t), key=len, reverse=True)
+    specials = sorted(special_tokens(tokenizer), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, specials))) if specials else None
 
 

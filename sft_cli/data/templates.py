@@ -71,3 +71,8 @@ def special_token_ids(tokenizer) -> set[int]:
     ids = set(tokenizer.all_special_ids)
     ids |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
     return ids
+
+
+def special_tokens(tokenizer) -> set[str]:
+    """The same tokens as `special_token_ids`, as the text that spells them."""
+    return {token for token in tokenizer.convert_ids_to_tokens(sorted(special_token_ids(tokenizer))) if token}
