@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -81,6 +82,35 @@ def _expand_recipe_globs(value: str) -> list[str]:
     return matched
 
 
+def _recipe_values(value: str) -> list[str]:
+    """The recipes one `recipe=` names. A value that names an existing file (a sweep point's
+    config.yaml sits in a folder named `optim.lr=0.0001,seed=0`), a recipe, or is quoted is one
+    recipe; otherwise `glob(...)` or a comma list sweeps over several."""
+    if _is_quoted(value):
+        return [_unquoted(value)]
+    if _names_path(value) or (RECIPES_DIR / f"{value}.yaml").is_file():
+        return [value]
+    return _expand_recipe_globs(value)
+
+
+def _staged_name(path: Path, staged: dict[Path, str]) -> str:
+    """The name a recipe file is staged under: its stem, made a word Hydra's grammar reads as one
+    string (no `,` `=` spaces or non-ASCII), and unique (two sweep points' config.yaml must not
+    overwrite each other)."""
+    if path in staged:
+        return staged[path]
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem) or "recipe"
+    parsed = _parse(f"recipe={base}")
+    if parsed is None or not isinstance(parsed.value(), str):  # `1e-4`, `true`, `null` are not names
+        base = f"recipe_{base}"
+    name, n = base, 1
+    while name in staged.values():
+        n += 1
+        name = f"{base}-{n}"
+    staged[path] = name
+    return name
+
+
 def _stage_recipes(overrides: list[str], workdir: Path) -> list[str]:
     """Copy the chosen recipe file(s) into a Hydra search-path folder `recipe/`.
 
@@ -90,23 +120,125 @@ def _stage_recipes(overrides: list[str], workdir: Path) -> list[str]:
     """
     # hydra.sweep.dir: Hydra's own multirun.yaml goes to the temp folder, not the user's cwd.
     staged = [f"hydra.searchpath=[file://{workdir}]", f"hydra.sweep.dir={workdir}/multirun"]
+    names: dict[Path, str] = {}
     for arg in overrides:
         if not arg.startswith("recipe="):
             staged.append(arg)
             continue
-        stems = []
-        for value in _expand_recipe_globs(arg.split("=", 1)[1]):
+        chosen = []
+        for value in _recipe_values(arg.split("=", 1)[1]):
             path = _resolve_recipe(value.strip())
-            stem = path.stem
             text = path.read_text()
             _refuse_code_in_recipe(path, text)
             if "@package _global_" not in text.split("\n", 1)[0]:
                 text = "# @package _global_\n" + text
+            name = _staged_name(path, names)
             (workdir / "recipe").mkdir(exist_ok=True)
-            (workdir / "recipe" / f"{stem}.yaml").write_text(text)
-            stems.append(stem)
-        staged.append("recipe=" + ",".join(stems))
+            (workdir / "recipe" / f"{name}.yaml").write_text(text)
+            chosen.append(name)
+        staged.append("recipe=" + ",".join(chosen))
     return staged
+
+
+# Keys whose value names a file or folder. Hydra's override grammar reads `,` as a sweep and
+# `= [ ] { } ( ) ~ #` and non-ASCII letters as syntax, so such values are quoted for it.
+PATH_KEYS = frozenset({"run_dir", "model.name_or_path", "model.tokenizer", "data.chat_template", "eval.model",
+                       "eval.prompts", "eval.general_text"})
+SOURCE_LIST_KEYS = frozenset({"data.sources", "eval.sources"})
+_SOURCE_PATH = re.compile(r"(?<=[{,])\s*path\s*:\s*(?=[^'\"\s])")  # an unquoted `path:` value in a flow map
+
+
+def _names_path(value: str) -> bool:
+    """Whether `value` is an existing file or folder (a name too long, or holding NUL, is not)."""
+    try:
+        return bool(value) and Path(value).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_quoted(value: str) -> bool:
+    return len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+
+
+def _unquoted(value: str) -> str:
+    """A value the user quoted for Hydra (`run_dir='runs/a,b'`), as the path it names."""
+    return value[1:-1] if _is_quoted(value) else value
+
+
+def hydra_quote(value: str) -> str:
+    """`value` as one Hydra string literal: single-quoted, its quotes escaped, and backslashes
+    doubled where Hydra would halve them (before a quote and at the end)."""
+    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)
+    return f"'{body}'"
+
+
+def _parse(arg: str):
+    """Hydra's reading of one `key=value` override, or None where its grammar refuses it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_override(arg)
+    except HydraException:
+        return None
+
+
+def _path_value(arg: str, value: str, multirun: bool) -> str:
+    """A path key's value as Hydra must get it. Quoted when it names an existing file or folder, or
+    when it has a `/` and Hydra's grammar cannot read it (`run_dir=runs/demo/optim.lr=0.0001,seed=0`)
+    or reads it as a sweep without -m. Left alone: one string already (or null); a sweep under -m
+    (`-m run_dir=runs/a,runs/b`); text without a `/` that Hydra refuses (`run_dir=[`), which stays a
+    syntax error naming the key; lists and maps, which stay type errors naming it."""
+    override = _parse(arg)
+    if override is not None and (override.value() is None or isinstance(override.value(), str)):
+        return value
+    if _names_path(value):
+        return hydra_quote(value)
+    looks_like_path = "/" in value or os.sep in value
+    if looks_like_path and (override is None or (override.is_sweep_override() and not multirun)):
+        return hydra_quote(value.strip())
+    return value
+
+
+def _quote_source_paths(value: str) -> str:
+    """`[{path: runs/a,b/x.jsonl}]` -> `[{path: 'runs/a,b/x.jsonl'}]`: in a sources list, the longest
+    text after an unquoted `path:` (ending before a `,` or `}`) that names an existing file or folder."""
+    out, pos = [], 0
+    for match in _SOURCE_PATH.finditer(value):
+        start = match.end()
+        if start < pos:
+            continue
+        end = next((i for i in range(len(value) - 1, start, -1)
+                    if value[i] in ",}" and _names_path(value[start:i].strip())), None)
+        if end is not None:
+            out += [value[pos:start], hydra_quote(value[start:end].strip())]
+            pos = end
+    return "".join(out) + value[pos:]
+
+
+def _is_multirun(args: list[str]) -> bool:
+    flags, positional = _split_flags(args)
+    return any(f in ("-m", "--multirun") for f in flags) or any(
+        arg.startswith(("hydra.mode=MULTIRUN", "+sweep=")) for arg in positional)
+
+
+def _protect_paths(args: list[str]) -> list[str]:
+    """Hydra overrides with every path value quoted so it arrives as one string (README: Sweeps).
+
+    The rule: a value that names an existing file or folder is one path, never a sweep or a list;
+    so is one with a `/` that Hydra's grammar cannot read, or reads as a sweep without -m."""
+    multirun = _is_multirun(args)
+    flags, positional = _split_flags(args)
+    out = []
+    for arg in positional:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") in PATH_KEYS:
+            arg = f"{key}={_path_value(arg, value, multirun)}"
+        elif sep and key in SOURCE_LIST_KEYS and _parse(arg) is None:
+            arg = f"{key}={_quote_source_paths(value)}"
+        out.append(arg)
+    return [*flags, *out]
 
 
 def _saved_run_as_recipe(verb: str, overrides: list[str]) -> list[str]:
@@ -115,8 +247,9 @@ def _saved_run_as_recipe(verb: str, overrides: list[str]) -> list[str]:
     if verb not in ("evaluate", "merge-lora") or any(arg.startswith("recipe=") for arg in overrides):
         return overrides
     run_dirs = [arg.split("=", 1)[1] for arg in overrides if arg.startswith("run_dir=")]
-    if run_dirs and (Path(run_dirs[-1]) / "config.yaml").is_file():
-        return [f"recipe={Path(run_dirs[-1]) / 'config.yaml'}", *overrides]
+    run_dir = _unquoted(run_dirs[-1]) if run_dirs else ""
+    if run_dir and (Path(run_dir) / "config.yaml").is_file():
+        return [f"recipe={Path(run_dir) / 'config.yaml'}", *overrides]
     return overrides
 
 
@@ -402,20 +535,21 @@ def main(argv: list[str] | None = None) -> None:
         try:
             overrides = _saved_run_as_recipe(verb, overrides)
             _check_override_keys(overrides)
-            hydra_args = _stage_recipes(overrides, workdir)
+            hydra_args = _protect_paths(_stage_recipes(overrides, workdir))
             _check_override_syntax(hydra_args)
         except ConfigError as exc:
             err_console.print(f"[bold red]config error[/] {escape(str(exc))}")
             sys.exit(2)
 
+        # Flags (-m, --cfg job, --help) before the overrides: argparse takes one run of positionals.
+        flags, positional = _split_flags(hydra_args)
+
         @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
         def task(cfg) -> dict:
-            outcome = _run_verb(verb, cfg, overrides)
+            outcome = _run_verb(verb, cfg, positional)  # as Hydra read them: a quoted path is no sweep
             exit_codes.append(outcome["exit_code"])
             return outcome
 
-        # Flags (-m, --cfg job, --help) before the overrides: argparse takes one run of positionals.
-        flags, positional = _split_flags(hydra_args)
         sys.argv = [f"sft {verb}", *flags, f"hydra.job.name=sft-{verb}", *positional]
         try:
             task()

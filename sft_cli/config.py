@@ -53,6 +53,14 @@ class Format(str, Enum):
     text = "text"  # plain text, loss on every token
 
 
+class FileType(str, Enum):
+    auto = "auto"  # from the suffix (.jsonl .ndjson .json .parquet .csv), else sniffed from the content
+    jsonl = "jsonl"  # one JSON object per line
+    json = "json"  # one JSON document: a list of rows, one row, or an object wrapping the rows
+    parquet = "parquet"
+    csv = "csv"  # a header line, then one row per line
+
+
 class Split(str, Enum):
     train = "train"  # split by data.eval_fraction
     eval = "eval"  # the whole source is evaluation data
@@ -62,6 +70,9 @@ class Split(str, Enum):
 class SourceConfig:
     path: str = "???"
     """Local file, glob, folder written by `datasets.save_to_disk`, or a hub dataset id."""
+    type: FileType = FileType.auto
+    """File type of local files: auto (suffix, else content) | jsonl | json | parquet | csv.
+    Files may be compressed (.gz .bz2 .xz .zst) whatever the type."""
     format: Format = Format.auto
     """Row format; `auto` detects it from the columns of each row."""
     weight: float | None = None
@@ -72,7 +83,8 @@ class SourceConfig:
     name: str | None = None
     """Label used in reports and the `source` column (default: the file name)."""
     hub_split: str = "train"
-    """Split to read when `path` is a hub dataset id or a DatasetDict folder."""
+    """Split to read when `path` is a hub dataset id, a DatasetDict folder, or a .json file holding one
+    object with several lists of rows ({train: [...], test: [...]})."""
     columns: dict[str, str] = field(default_factory=dict)
     """Map our column names to yours, e.g. {messages: dialog, prompt: question}."""
 

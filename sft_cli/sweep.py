@@ -21,17 +21,24 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-SWEEP_SYNTAX = (",", "glob(", "range(", "choice(", "interval(")
-
 
 def swept_keys(overrides: list[str]) -> list[str]:
-    """Keys whose command-line value lists several points (a,b / glob(...) / range(...))."""
+    """Keys whose command-line value lists several points (a,b / glob(...) / range(...)), read with
+    Hydra's own grammar: a quoted path with commas in it or a list of sources is one value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
     keys = []
     for arg in overrides:
-        if "=" in arg and not arg.startswith(("hydra.", "-")):
-            key, value = arg.split("=", 1)
-            if any(token in value for token in SWEEP_SYNTAX):
-                keys.append(key.lstrip("+"))
+        if "=" not in arg or arg.startswith(("hydra.", "-")):
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue  # the command line was checked before any job ran; nothing to name a point by
+        if override.is_sweep_override():
+            keys.append(override.key_or_group)
     return keys
 
 

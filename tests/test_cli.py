@@ -92,3 +92,65 @@ def test_lima_recipe_offline_fails_clearly(sft, tmp_path):
     result = sft("prepare", "recipe=lima-1k", f"run_dir={tmp_path}", timeout=120)
     assert result.returncode == 1
     assert "Offline?" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- paths with commas, `=`, spaces, brackets and non-ASCII letters ------------------------------
+
+NASTY_PATHS = ["runs/demo/optim.lr=0.0001,seed=0", "a b/c [1]/d{e}", "dätä/ü,x", "it's a \\ path\\", "~/x#y(z)"]
+
+
+def _hydra_reads(arg: str):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(arg).value()
+
+
+@pytest.mark.parametrize("value", NASTY_PATHS)
+def test_hydra_quote_round_trips(value):
+    from sft_cli.cli import hydra_quote
+
+    assert _hydra_reads(f"run_dir={hydra_quote(value)}") == value
+
+
+def test_path_values_reach_hydra_as_one_string(tmp_path):
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    from sft_cli.cli import _protect_paths
+
+    folder = tmp_path / "runs, [ü]=1"
+    folder.mkdir()
+    data = folder / "a,b c.jsonl"
+    data.write_text("{}\n")
+
+    def read(*args):
+        return {arg.split("=", 1)[0]: _hydra_reads(arg) for arg in _protect_paths(list(args)) if "=" in arg}
+
+    assert read("run_dir=runs/a,b")["run_dir"] == "runs/a,b"  # no -m: a path key holds one path
+    assert read("run_dir=runs/demo/optim.lr=0.0001,seed=0")["run_dir"] == "runs/demo/optim.lr=0.0001,seed=0"
+    assert read(f"data.chat_template={data}", "model.tokenizer=null") == {"data.chat_template": str(data),
+                                                                           "model.tokenizer": None}
+    assert isinstance(read("-m", "run_dir=runs/a,runs/b")["run_dir"], ChoiceSweep)  # -m: a sweep over run_dirs
+    assert read("-m", f"run_dir={folder}")["run_dir"] == str(folder)  # ... unless the value names a folder
+    assert isinstance(read("-m", "optim.lr=1e-4,3e-4")["optim.lr"], ChoiceSweep)
+    sources = read(f"data.sources=[{{path: {data}, weight: 1}}, {{path: {data}}}]")["data.sources"]
+    assert sources == [{"path": str(data), "weight": 1}, {"path": str(data)}]
+
+
+def test_staged_recipe_names_are_words_and_unique(tmp_path):
+    from sft_cli.cli import _staged_name
+
+    staged: dict = {}
+    names = [_staged_name(tmp_path / sub / "config.yaml", staged) for sub in ("a", "b", "a")]
+    assert names[0] == names[2] == "config" and names[1] == "config-2"
+    assert _staged_name(tmp_path / "my recipe,ü.yaml", staged) == "my_recipe__"
+    assert _staged_name(tmp_path / "1e-4.yaml", staged) == "recipe_1e-4"  # not a float to Hydra
+
+
+def test_a_recipe_and_run_dir_with_commas_compose(sft, tmp_path):
+    point = tmp_path / "optim.lr=0.0001,seed=0"  # a default-named sweep point's folder
+    point.mkdir()
+    (point / "config.yaml").write_text("seed: 7\nmodel: {name_or_path: some/model}\n")
+    run_dir = tmp_path / "re play, [ü]=1"
+    result = sft("prepare", f"recipe={point / 'config.yaml'}", f"run_dir={run_dir}", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "seed: 7" in result.stdout and f"run_dir: {run_dir}" in result.stdout

@@ -70,3 +70,38 @@ def test_a_run_replays_from_its_saved_config(data, tmp_path, sft):
     replay = sft("train", f"recipe={tmp_path / 'orig' / 'config.yaml'}", f"run_dir={tmp_path / 'replay'}")
     assert replay.returncode == 0, replay.stderr[-3000:]
     assert losses(tmp_path / "replay") == losses(tmp_path / "orig")
+
+
+def test_swept_keys_read_the_command_line_as_hydra_does():
+    from sft_cli.sweep import swept_keys
+
+    assert swept_keys(["optim.lr=1e-4,3e-4", "run_dir='runs/a,b'", "data.sources=[{path: a}, {path: b}]",
+                       "seed=range(0,2)", "+peft.r=4,8", "hydra.searchpath=[file:///x]", "max_seq_len=128"]) \
+        == ["optim.lr", "seed", "peft.r"]
+
+
+def test_a_default_named_sweep_point_replays_from_its_config_yaml(tmp_path, sft):
+    """Point folders are named like `seed=0,max_seq_len=128`; here the data, the chat template and
+    the sweep's run_dir also hold commas, `=`, spaces, brackets and non-ASCII letters."""
+    weird = tmp_path / "dätä, [1] =x"
+    data = write_chat_jsonl(weird / "chat.jsonl", rows=20, max_words=10)
+    template = weird / "chat ml.jinja"
+    template.write_text((Path(__file__).resolve().parent.parent / "sft_cli/templates/chatml.jinja").read_text())
+    sweep_dir = tmp_path / "runs, [ü]=1"
+    sweep_dir.mkdir()  # exists, so with -m it is one path, not a sweep over run_dirs
+    result = sft("prepare", "-m", "model.name_or_path=builtin:tiny-llama-chatml", f"data.sources=[{{path: {data}}}]",
+                 f"data.chat_template={template}", f"run_dir={sweep_dir}", "seed=0,1", "max_seq_len=128,256")
+    assert result.returncode == 0, result.stderr[-3000:]
+    point = sweep_dir / "seed=1,max_seq_len=256"
+    assert {p["run_dir"] for p in json.loads((sweep_dir / "sweep.json").read_text())["points"]} == {
+        str(sweep_dir / f"seed={s},max_seq_len={n}") for s in (0, 1) for n in (128, 256)}
+    replay_dir = tmp_path / "replay, x=1"
+    replay = sft("prepare", f"recipe={point / 'config.yaml'}", f"run_dir={replay_dir}")
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    original, replayed = ((d / "config.yaml").read_text().splitlines() for d in (point, replay_dir))
+    assert replayed[0] == f"run_dir: {replay_dir}" and replayed[1:] == original[1:]
+
+    def fingerprint(run_dir):
+        return json.loads((run_dir / "prepared" / "manifest.json").read_text())["fingerprint"]
+
+    assert fingerprint(replay_dir) == fingerprint(point)
