@@ -43,6 +43,7 @@ lint: install
 
 bench-prepare: install
 	$(PY) -m sft_cli.bench.prepare
+	$(PY) -m sft_cli.bench.prepare --data agentic --rows 20000
 
 bench-pack: install
 	$(PY) -m sft_cli.bench.pack

@@ -53,6 +53,16 @@ class Format(str, Enum):
     text = "text"  # plain text, loss on every token
 
 
+class ReasoningTurns(str, Enum):
+    all = "all"  # every assistant turn with reasoning is trained with it (own example where history drops it)
+    last = "last"  # reasoning trained only where the full conversation renders it
+
+
+class ReasoningFormat(str, Enum):
+    inline = "inline"  # templates without a place for reasoning: <think>...</think> before the answer
+    drop = "drop"  # such templates: train the answers only (counted)
+
+
 class FileType(str, Enum):
     auto = "auto"  # from the suffix (.jsonl .ndjson .json .parquet .csv), else sniffed from the content
     jsonl = "jsonl"  # one JSON object per line
@@ -107,6 +117,14 @@ class DataConfig:
     """Drop exact duplicate examples (same normalised conversation), keeping the first."""
     num_proc: int | None = None
     """Worker processes for tokenization; null = all cores (capped by the row count)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables for the chat template, e.g. {enable_thinking: false}; a row's own
+    `chat_template_kwargs` column wins over these."""
+    reasoning_turns: ReasoningTurns = ReasoningTurns.all
+    """all: every assistant turn's reasoning is trained as generated, turns whose reasoning the
+    template drops from history get their own example | last: only where the full rendering keeps it."""
+    reasoning_format: ReasoningFormat = ReasoningFormat.inline
+    """Reasoning on a template with no place for it: inline (<think>...</think> before the answer) | drop."""
 
 
 @dataclass

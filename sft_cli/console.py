@@ -6,6 +6,7 @@ Results go to stdout (`out`), progress and diagnostics to stderr (`err`), so
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from rich.console import Console
@@ -34,6 +35,19 @@ def print_prepare_report(report: dict, folder: Path) -> None:
     sources.add_row("[bold]total", f"{report['read']:,}", f"{report['kept']:,}", f"{report['rejected']:,}",
                     f"{report['train_examples']:,}", f"{report['eval_examples']:,}", "", "")
     out.print(sources)
+
+    chat = {k: v for k, v in (report.get("chat") or {}).items() if isinstance(v, int) and v}
+    if chat:
+        labels = {"rows_with_tools": "rows with tools", "tool_calls_trained": "tool calls trained",
+                  "turns_trained": "assistant turns trained", "reasoning_turns_trained": "reasoning turns trained",
+                  "turn_examples": "per-turn examples added", "turn_example_tokens": "tokens in per-turn examples",
+                  "empty_think_filled": "empty think blocks filled", "reasoning_inlined": "reasoning inlined",
+                  "reasoning_dropped": "reasoning dropped", "turns_untrained": "turns left untrained"}
+        table = Table(title=f"tool calls and reasoning (reasoning_turns={report['chat']['reasoning_turns']})",
+                      title_justify="left", show_header=False)
+        for key, value in chat.items():
+            table.add_row(labels.get(key, key), f"{value:,}")
+        out.print(table)
 
     if report["rejected_by_reason"]:
         rejected = Table(title="rejected rows (all of them: prepared/rejected.jsonl)", title_justify="left")
@@ -70,16 +84,53 @@ def histogram(buckets: list[dict], title: str, width: int = 40) -> Table:
     return table
 
 
+# Trained text in green; inside it, reasoning and tool calls get their own colours (the template's
+# own syntax tells them apart); tool results and schemas in the prompt are marked too.
+REASONING_BLOCK = re.compile(r"<(think|thinking|thought)>.*?(</\1>|$)|<\|channel\|>analysis<\|message\|>.*?(<\|end\|>|$)"
+                             r"|<\|channel>thought.*?(<channel\|>|$)", re.DOTALL)
+TOOL_CALL_BLOCK = re.compile(r"<tool_call>.*?(</tool_call>|$)|<\|tool_call>.*?(<tool_call\|>|$)|<\|python_tag\|>"
+                             r"|\[TOOL_CALLS\].*|<｜tool▁calls▁begin｜>.*?(<｜tool▁calls▁end｜>|$)|to=functions\.\S+.*?(<\|call\|>|$)"
+                             r"|<\|tool_call_start\|>.*?(<\|tool_call_end\|>|$)", re.DOTALL)
+TOOL_CONTEXT_BLOCK = re.compile(r"<tool_response>.*?</tool_response>|<tools>.*?</tools>|<\|tool_response>.*?<tool_response\|>"
+                                r"|<｜tool▁output▁begin｜>.*?<｜tool▁output▁end｜>|<\|tool>.*?<tool\|>", re.DOTALL)
+STYLES = {"trained": "bold black on green", "reasoning": "bold black on magenta", "tool_call": "bold black on cyan",
+          "tool_context": "italic yellow", "prompt": "dim"}
+
+
+def token_kinds(pieces: list[str], trained: list[bool]) -> list[str]:
+    """A display kind per token: prompt / tool_context (results, schemas) / trained / reasoning / tool_call."""
+    text, starts = "", []
+    for piece in pieces:
+        starts.append(len(text))
+        text += piece
+    marks = [""] * len(text)
+    for kind, pattern in (("tool_context", TOOL_CONTEXT_BLOCK), ("reasoning", REASONING_BLOCK),
+                          ("tool_call", TOOL_CALL_BLOCK)):
+        for match in pattern.finditer(text):
+            marks[match.start():match.end()] = [kind] * (match.end() - match.start())
+    kinds = []
+    for start, piece, is_trained in zip(starts, pieces, trained):
+        mark = marks[start] if piece else ""
+        if is_trained:
+            kinds.append(mark if mark in ("reasoning", "tool_call") else "trained")
+        else:
+            kinds.append("tool_context" if mark == "tool_context" else "prompt")
+    return kinds
+
+
 def show_examples(dataset, tokenizer, n: int) -> None:
-    """Each token of the first n examples; trained tokens highlighted, the rest dim."""
+    """Each token of the first n examples: trained tokens highlighted (reasoning, tool calls apart),
+    tool results and schemas marked, the rest dim."""
     for i in range(min(n, len(dataset))):
         row = dataset[i]
+        pieces = [tokenizer.decode([token_id]) for token_id in row["input_ids"]]
+        kinds = token_kinds(pieces, [label != -100 for label in row["labels"]])
         text = Text()
-        for token_id, label in zip(row["input_ids"], row["labels"]):
-            piece = tokenizer.decode([token_id]).replace("\n", "⏎\n")
-            text.append(piece, style="bold black on green" if label != -100 else "dim")
+        for piece, kind in zip(pieces, kinds):
+            text.append(piece.replace("\n", "⏎\n"), style=STYLES[kind])
         header = (f"example {i}  [{row['source']}  {row['location']}]  {row['num_tokens']} tokens, "
-                  f"{row['num_loss_tokens']} trained (green)")
+                  f"{row['num_loss_tokens']} trained (green; reasoning magenta, tool calls cyan; "
+                  "tool results and schemas yellow)")
         out.rule(header)
         out.print(text)
     out.rule()

@@ -18,6 +18,14 @@ BENCHMARKS.md and a table on the terminal.
     python -m sft_cli.bench.prepare             # 100,000 rows, ~10 minutes on 2 cores (make bench-prepare)
     python -m sft_cli.bench.prepare --quick     # 10,000 rows
     python -m sft_cli.bench.prepare --repeat 2  # every configuration twice, the faster run kept
+    python -m sft_cli.bench.prepare --data agentic --rows 5000   # tool calls + reasoning on Qwen3's template
+
+`--data agentic` generates tool-calling conversations with reasoning (a `tools` list, calls with
+arguments, tool results, `reasoning_content` on every reply, two user turns) and prepares them on
+TRL's own Qwen3 template: ours with the stock `qwen3.jinja` (its history drops old reasoning, so
+turns get their own examples), TRL with assistant_only_loss on its `qwen3_training.jinja` twin
+(`{% generation %}` markers; old reasoning is simply not trained there). Section "## prepare (tool
+calls and reasoning)".
 """
 
 from __future__ import annotations
@@ -143,6 +151,51 @@ def generate(path: Path, rows: int, seed: int = SEED) -> None:
             handle.write(json.dumps({"messages": messages}) + "\n")
 
 
+CITIES = ["Paris", "Lima", "Oslo", "Kyoto", "Cairo", "Quito", "Perth", "Dakar"]
+AGENT_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city.",
+                                      "parameters": {"type": "object", "properties": {
+                                          "city": {"type": "string"}, "unit": {"type": "string"}},
+                                          "required": ["city"]}}},
+    {"type": "function", "function": {"name": "search", "description": "Search the web.",
+                                      "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+                                                     "required": ["query"]}}}]
+
+
+def generate_agentic(path: Path, rows: int, seed: int = SEED) -> None:
+    """`rows` tool-calling conversations with reasoning: user asks, the assistant thinks and calls one or
+    two tools, reads the results, thinks and answers; a second user turn gets a reasoned answer."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as handle:
+        for i in range(rows):
+            calls = []
+            for k in range(int(rng.choice([1, 2], p=[0.7, 0.3]))):
+                if rng.random() < 0.6:
+                    calls.append({"id": f"c{i}_{k}", "type": "function", "function": {
+                        "name": "get_weather", "arguments": {"city": CITIES[int(rng.integers(len(CITIES)))],
+                                                             "unit": "celsius"}}})
+                else:
+                    calls.append({"id": f"c{i}_{k}", "type": "function", "function": {
+                        "name": "search", "arguments": json.dumps({"query": _text(rng, 6)})}})  # JSON text
+            messages = [{"role": "user", "content": _text(rng, int(rng.integers(8, 40)))},
+                        {"role": "assistant", "content": None, "tool_calls": calls,
+                         "reasoning_content": _text(rng, int(rng.integers(20, 120)))}]
+            messages += [{"role": "tool", "tool_call_id": c["id"], "content": _text(rng, int(rng.integers(10, 60)))}
+                         for c in calls]
+            messages += [{"role": "assistant", "content": _text(rng, int(rng.integers(20, 150))),
+                          "reasoning_content": _text(rng, int(rng.integers(20, 150)))},
+                         {"role": "user", "content": _text(rng, int(rng.integers(5, 30)))},
+                         {"role": "assistant", "content": _text(rng, int(rng.integers(20, 150))),
+                          "reasoning_content": _text(rng, int(rng.integers(20, 150)))}]
+            handle.write(json.dumps({"tools": AGENT_TOOLS, "messages": messages}) + "\n")
+
+
+def trl_template(name: str) -> Path:
+    import trl
+
+    return Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja"
+
+
 # -- tokenizer ------------------------------------------------------------------------------------
 def pick_model() -> tuple[str, str, str]:
     """(builtin name, its folder, a note): SmolLM2's real 49k-token tokenizer, else the tiny one."""
@@ -242,22 +295,26 @@ def import_cost(tmp: Path) -> float:
     return min(measure(cmd, tmp, tmp / "imports.log")["wall_s"] for _ in range(2))
 
 
-def run_ours(model: str, data: Path, num_proc: int, tmp: Path, startup: float) -> dict:
+def run_ours(model: str, data: Path, num_proc: int, tmp: Path, startup: float, *extra: str) -> dict:
     run_dir = tmp / f"ours-{num_proc}"  # fresh: prepare's output cache is cold
-    result = measure(_ours_cmd(model, data, run_dir, f"data.num_proc={num_proc}"), tmp, tmp / f"ours-{num_proc}.log")
+    result = measure(_ours_cmd(model, data, run_dir, f"data.num_proc={num_proc}", *extra), tmp,
+                     tmp / f"ours-{num_proc}.log")
     report = json.loads((run_dir / "prepared" / "report.json").read_text())
     shutil.rmtree(run_dir)
-    return {**result, "work_s": result["wall_s"] - startup, "examples": report["kept"],
+    return {**result, "work_s": result["wall_s"] - startup, "examples": report.get("examples", report["kept"]),
             "tokens": report["train_tokens"] + report["eval_tokens"],
             "loss_tokens": report["train_loss_tokens"] + report["eval_loss_tokens"]}
 
 
 def run_trl(tokenizer_dir: str, model_dir: str, data: Path, num_proc: int, template: Path | None,
-            tmp: Path) -> dict:
-    name = f"trl-{'assistant' if template else 'all'}-{num_proc}"
+            tmp: Path, assistant_only: bool | None = None) -> dict:
+    """TRL on `template` (None: the tokenizer's own); assistant_only_loss defaults to "a template was given"."""
+    assistant_only = bool(template) if assistant_only is None else assistant_only
+    name = f"trl-{'assistant' if assistant_only else 'all'}-{num_proc}"
     cmd = [sys.executable, "-m", "sft_cli.bench.prepare", "--trl-worker", json.dumps({
         "data": str(data), "tokenizer": tokenizer_dir, "model": model_dir, "num_proc": num_proc,
-        "template": str(template) if template else None, "output_dir": str(tmp / name)})]
+        "template": str(template) if template else None, "assistant_only": assistant_only,
+        "output_dir": str(tmp / name)})]
     log = tmp / f"{name}.log"
     result = measure(cmd, tmp, log)
     line = next(x for x in reversed(log.read_text().splitlines()) if x.startswith("{"))
@@ -282,7 +339,7 @@ def trl_worker(spec: dict) -> None:
     tokenizer_s = time.perf_counter() - start
 
     args = SFTConfig(output_dir=spec["output_dir"], max_length=MAX_SEQ_LEN, packing=False,
-                     assistant_only_loss=bool(spec["template"]), dataset_num_proc=spec["num_proc"],
+                     assistant_only_loss=spec["assistant_only"], dataset_num_proc=spec["num_proc"],
                      report_to="none", dataset_kwargs={"skip_prepare_dataset": True},
                      bf16=False)  # TRL defaults to bf16, which a CPU-only machine rejects; prep ignores it
     placeholder = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Hi"},
@@ -341,7 +398,7 @@ def ratios(results: list[dict]) -> list[list[str]]:
     return out
 
 
-def benchmark(rows: int, repeat: int, console) -> dict:
+def benchmark(rows: int, repeat: int, console, kind: str = "chat") -> dict:
     """Generate the data, run every configuration `repeat` times, keep each one's fastest run."""
     from transformers import AutoTokenizer
 
@@ -354,25 +411,34 @@ def benchmark(rows: int, repeat: int, console) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="sft-bench-prepare-"))
     try:
         data = tmp / "chats.jsonl"
-        console.print(f"generating {rows:,} conversations -> {data}")
-        generate(data, rows)
-        with open(data) as handle:
-            sample = [json.loads(next(handle))["messages"] for _ in range(min(rows, 500))]
-        marked = marked_template(AutoTokenizer.from_pretrained(model_dir), sample)
-        template = None
-        if marked is None:
-            note += " TRL's assistant_only_loss run skipped: could not add {% generation %} markers to this template."
+        console.print(f"generating {rows:,} {kind} conversations -> {data}")
+        ours_extra: tuple[str, ...] = ()
+        trl_all_template = None
+        if kind == "agentic":
+            generate_agentic(data, rows)
+            ours_extra = (f"data.chat_template={trl_template('qwen3')}",)
+            template, trl_all_template = trl_template("qwen3_training"), trl_template("qwen3")
         else:
-            template = tmp / "marked.jinja"
-            template.write_text(marked)
+            generate(data, rows)
+            with open(data) as handle:
+                sample = [json.loads(next(handle))["messages"] for _ in range(min(rows, 500))]
+            marked = marked_template(AutoTokenizer.from_pretrained(model_dir), sample)
+            template = None
+            if marked is None:
+                note += " TRL's assistant_only_loss run skipped: could not add {% generation %} markers to this template."
+            else:
+                template = tmp / "marked.jinja"
+                template.write_text(marked)
 
         startup, imports = ours_startup(model, data, tmp), import_cost(tmp)
         console.print(f"sft CLI startup (`--cfg job`): {startup:.2f} s; importing datasets+torch+transformers: "
                       f"{imports:.2f} s")
         configs = []
         for num_proc in (1, 2):
-            configs += [("sft prepare", "assistant", num_proc, partial(run_ours, model, data, num_proc, tmp, startup)),
-                        ("trl", "all", num_proc, partial(run_trl, model_dir, tiny_dir, data, num_proc, None, tmp))]
+            configs += [("sft prepare", "assistant", num_proc,
+                         partial(run_ours, model, data, num_proc, tmp, startup, *ours_extra)),
+                        ("trl", "all", num_proc,
+                         partial(run_trl, model_dir, tiny_dir, data, num_proc, trl_all_template, tmp, False))]
             if template:
                 configs.append(("trl", "assistant", num_proc,
                                 partial(run_trl, model_dir, tiny_dir, data, num_proc, template, tmp)))
@@ -388,7 +454,31 @@ def benchmark(rows: int, repeat: int, console) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"model": model, "note": note.strip(), "startup": startup, "imports": imports,
-            "results": list(best.values())}
+            "results": list(best.values()), "kind": kind}
+
+
+def agentic_section(bench: dict, rows: int, repeat: int, command: str) -> str:
+    results = bench["results"]
+    return "\n".join([
+        "## prepare (tool calls and reasoning)", "",
+        f"`sft prepare` against TRL's `SFTTrainer` preparation on {rows:,} synthetic agentic conversations "
+        "(seeded: a `tools` list of two functions; the assistant reasons and calls one or two tools, arguments "
+        "as objects or JSON text; tool results; a reasoned answer; a second user turn with a reasoned answer), "
+        f"tokenizer `{bench['model']}`, TRL's own Qwen3 template, max_seq_len {MAX_SEQ_LEN}, no packing. "
+        "Fresh subprocesses, cold caches, one tokenizer thread. " + (f"Best of {repeat} rounds." if repeat > 1
+                                                                      else "One run each."), "",
+        "- Ours: `data.chat_template=qwen3.jinja` (the stock template). Qwen3 drops the reasoning of turns before "
+        "the last user message, so each such turn is trained in its own example, rendered as inference saw it: "
+        "\"examples out\" is larger than the row count, and so are the tokens.",
+        "- TRL, loss on assistant: `assistant_only_loss=True` on `qwen3_training.jinja`, its `{% generation %}` "
+        "twin, which is prefix-preserving: it keeps every turn's reasoning in the history, where the stock "
+        "template (and so inference) drops it. One example per row, so fewer tokens; its replies are trained "
+        "after a history unlike the one the model sees at inference. TRL, loss on all: the stock template, no mask.",
+        "- **work** and **wall** as in the section above.", "",
+        markdown(HEADER, rows_of(results, rows)), "",
+        "Speed ratio (ours / TRL, input rows per second):", "",
+        markdown(RATIO_HEADER, ratios(results)), "",
+        f"Command: `{command}`.", "", f"Machine: {machine()}.", ""])
 
 
 def section(bench: dict, rows: int, repeat: int, command: str) -> str:
@@ -430,6 +520,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--quick", action="store_true", help="10,000 rows")
     parser.add_argument("--repeat", type=int, default=1, help="run every configuration N times, keep the fastest")
+    parser.add_argument("--data", choices=("chat", "agentic"), default="chat",
+                        help="plain chats, or tool calls + reasoning on Qwen3's template")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: one TRL run, JSON spec
     args = parser.parse_args(argv)
     if args.trl_worker:
@@ -440,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs get the whole table
-    bench = benchmark(rows, args.repeat, console)
+    bench = benchmark(rows, args.repeat, console, args.data)
     for title, header, body in (("sft prepare vs TRL", HEADER, rows_of(bench["results"], rows)),
                                 ("speed ratio", RATIO_HEADER, ratios(bench["results"]))):
         table = Table(title=f"{title} ({rows:,} conversations)")
@@ -450,9 +542,14 @@ def main(argv: list[str] | None = None) -> None:
             table.add_row(*row)
         console.print(table)
 
-    command = ("python -m sft_cli.bench.prepare" + (" --quick" if args.quick else f" --rows {rows}" if rows != 100_000 else "")
+    command = ("python -m sft_cli.bench.prepare" + (" --data agentic" if args.data == "agentic" else "")
+               + (" --quick" if args.quick else f" --rows {rows}" if rows != 100_000 else "")
                + (f" --repeat {args.repeat}" if args.repeat > 1 else ""))
-    write_section(REPO / "BENCHMARKS.md", "prepare", section(bench, rows, args.repeat, command))
+    if args.data == "agentic":
+        write_section(REPO / "BENCHMARKS.md", "prepare (tool calls and reasoning)",
+                      agentic_section(bench, rows, args.repeat, command))
+    else:
+        write_section(REPO / "BENCHMARKS.md", "prepare", section(bench, rows, args.repeat, command))
     console.print(f"wrote the prepare section of {REPO / 'BENCHMARKS.md'}")
 
 

@@ -2,10 +2,19 @@
 
 Five input formats become three example kinds:
 
-    messages / sharegpt / alpaca      -> {"kind": "chat", "messages": [{"role", "content"}], "completion_start": 0}
+    messages / sharegpt / alpaca      -> {"kind": "chat", "messages": [...], "completion_start": 0,
+                                          "tools"?: [...], "template_kwargs"?: {...}}
     prompt_completion (strings)       -> {"kind": "prompt_completion", "prompt": str, "completion": str}
     prompt_completion (message lists) -> {"kind": "chat", ..., "completion_start": len(prompt)}
     text                              -> {"kind": "text", "text": str}
+
+Chat messages are the OpenAI / Hugging Face shape, normalised: `role` is one of system, developer,
+user, assistant, tool; assistant messages may carry `reasoning_content` (also read from `reasoning`
+/ `thinking`, or from a leading `<think>...</think>` in the content) and `tool_calls`
+(`[{"type": "function", "function": {"name", "arguments": {...}}}]`, arguments parsed from JSON
+text when given as a string, so rows of either shape hash alike); tool messages carry `content`
+and, when known, `tool_call_id` / `name`. How a template wants these (arguments as an object or as
+text, null or empty content) is decided later, per template (see data/chat.py).
 
 Everything here is pure: `normalize(raw_json, fmt, columns)` either returns an
 example or raises `RowError(reason, detail)`; the reasons are the keys of the
@@ -19,12 +28,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 ROLE_ALIASES = {
-    "system": "system", "user": "user", "assistant": "assistant",
+    "system": "system", "developer": "developer", "user": "user", "assistant": "assistant", "tool": "tool",
     "human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant",
+    # ShareGPT / Glaive tool data: results arrive as `observation` (or `function`, `ipython`).
+    "observation": "tool", "function": "tool", "ipython": "tool",
 }
+# ShareGPT's `function_call` turn: the assistant calling a tool, its value the call as JSON text.
+FUNCTION_CALL_ROLES = ("function_call", "tool_call", "tool_calls")
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+# Reasoning written inline before the answer, as reasoning models emit it. The opening tag may be
+# missing: R1-style data often starts inside the block because the prompt opened it.
+INLINE_THINK = re.compile(r"^\s*(?:<think>)?(.*?)</think>\s*(.*)$", re.DOTALL)
 
 
 class RowError(Exception):
@@ -97,26 +115,185 @@ def _field(row: dict, columns: dict[str, str], name: str) -> Any:
     return row[key]
 
 
-def _messages(items: Any, role_key: str, content_key: str, what: str) -> list[dict[str, str]]:
+def _json_value(value: Any, what: str, reason: str) -> Any:
+    """A field datasets often store as JSON text (tool arguments, tool lists) -> the parsed value."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            raise RowError(reason, f"{what} is not valid JSON: {value[:60]!r}") from None
+    return value
+
+
+def _tool_calls(calls: Any, what: str) -> list[dict]:
+    """OpenAI tool calls (or bare `{"name", "arguments"}` objects) -> the normalised list."""
+    calls = _json_value(calls, what, "malformed_tool_call")
+    if isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        raise RowError("malformed_tool_call", f"{what} must be a non-empty list of calls")
+    out = []
+    for k, call in enumerate(calls):
+        where = f"{what}[{k}]"
+        if not isinstance(call, dict):
+            raise RowError("malformed_tool_call", f"{where} is not an object")
+        function = call.get("function", call)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
+            raise RowError("malformed_tool_call", f"{where} has no function name")
+        arguments = function.get("arguments", function.get("parameters", {}))
+        arguments = {} if arguments is None or arguments == "" else _json_value(arguments, f"{where}.arguments",
+                                                                                "malformed_tool_arguments")
+        if not isinstance(arguments, dict):
+            raise RowError("malformed_tool_arguments", f"{where}.arguments is a {type(arguments).__name__}, "
+                           "not an object of named arguments")
+        normalised = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str) and call["id"]:
+            normalised = {"id": call["id"], **normalised}
+        out.append(normalised)
+    return out
+
+
+def tools_list(value: Any, what: str = "tools") -> list[dict] | None:
+    """A row's tool schemas (a list, or JSON text of one) as `{"type": "function", "function": {...}}`."""
+    value = _json_value(value, what, "malformed_tools")
+    if value is None or value == []:
+        return None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise RowError("malformed_tools", f"{what} must be a list of function schemas")
+    out = []
+    for k, tool in enumerate(value):
+        if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
+            spec = tool["function"]
+        elif isinstance(tool, dict):  # a bare {"name", "description", "parameters"}
+            spec = tool
+        else:
+            raise RowError("malformed_tools", f"{what}[{k}] is not an object")
+        if not isinstance(spec.get("name"), str) or not spec["name"].strip():
+            raise RowError("malformed_tools", f"{what}[{k}] has no name")
+        out.append({"type": "function", "function": spec})
+    return out
+
+
+def _reasoning(message: dict, what: str) -> str | None:
+    for key in REASONING_KEYS:
+        value = message.get(key)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        return _text(value, f"{what}.{key}").strip()
+    return None
+
+
+def _assistant(message: dict, content_key: str, what: str) -> dict:
+    """An assistant message: content, and optionally reasoning and tool calls (then content may be empty)."""
+    calls = message.get("tool_calls")
+    calls = _tool_calls(calls, f"{what}.tool_calls") if calls not in (None, [], "") else None
+    raw = message.get(content_key)
+    if calls and (raw is None or (isinstance(raw, str) and not raw.strip()) or raw == []):
+        content = None
+    else:
+        content = _text(raw, f"{what}.{content_key}")
+    reasoning = _reasoning(message, what)
+    if reasoning is None and content is not None and "</think>" in content:
+        match = INLINE_THINK.match(content)
+        if match and match.group(1).strip():
+            reasoning, content = match.group(1).strip(), match.group(2)
+            if not content.strip() and not calls:
+                raise RowError("empty_content", f"{what}: only reasoning, no answer after </think>")
+            content = content if content.strip() else None
+    out: dict = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def _tool_result(message: dict, content_key: str, what: str) -> dict:
+    """A tool message: its result as text (JSON results are dumped; an empty result is a result)."""
+    value = message.get(content_key)
+    if isinstance(value, (dict, list)) and not (isinstance(value, list) and all(isinstance(p, dict) and "text" in p
+                                                                                for p in value)):
+        value = json.dumps(value, ensure_ascii=False)
+    content = "" if value == "" else _text(value, f"{what}.{content_key}")
+    out = {"role": "tool", "content": content}
+    for key in ("tool_call_id", "name"):
+        if isinstance(message.get(key), str) and message[key]:
+            out[key] = message[key]
+    return out
+
+
+def _function_call_turn(value: Any, what: str) -> dict:
+    """ShareGPT `function_call`: the value is the call (or calls) as JSON text."""
+    return {"role": "assistant", "content": None, "tool_calls": _tool_calls(value, what)}
+
+
+def _name_tool_results(messages: list[dict]) -> None:
+    """Give tool results the name of the call they answer (templates print it), by id or by order."""
+    pending: list[dict] = []
+    for message in messages:
+        if message["role"] == "assistant":
+            pending = list(message.get("tool_calls") or [])
+        elif message["role"] == "tool" and "name" not in message and pending:
+            match = next((c for c in pending if message.get("tool_call_id") and c.get("id") == message["tool_call_id"]),
+                         pending[0])
+            pending.remove(match)
+            message["name"] = match["function"]["name"]
+
+
+def _messages(items: Any, role_key: str, content_key: str, what: str) -> list[dict]:
     if not isinstance(items, list) or not items:
         raise RowError("missing_field", f"{what} must be a non-empty list")
     # LIMA style: a bare list of strings, alternating user / assistant.
     if all(isinstance(m, str) for m in items):
         return [{"role": ("user", "assistant")[i % 2], "content": _text(m, f"{what}[{i}]")}
                 for i, m in enumerate(items)]
-    out = []
+    out: list[dict] = []
     for i, message in enumerate(items):
+        where = f"{what}[{i}]"
         if not isinstance(message, dict):
-            raise RowError("missing_field", f"{what}[{i}] is not an object")
+            raise RowError("missing_field", f"{where} is not an object")
         if role_key not in message:
-            raise RowError("missing_field", f"{what}[{i}] has no '{role_key}'")
-        role = ROLE_ALIASES.get(str(message[role_key]).lower()) if message[role_key] is not None else None
+            raise RowError("missing_field", f"{where} has no '{role_key}'")
+        raw_role = str(message[role_key]).lower() if message[role_key] is not None else None
+        if raw_role in FUNCTION_CALL_ROLES:
+            call = _function_call_turn(message.get(content_key), f"{where}.{content_key}")
+            if out and out[-1]["role"] == "assistant" and not out[-1].get("tool_calls"):
+                out[-1]["tool_calls"] = call["tool_calls"]  # "I'll look that up" + the call: one turn
+            else:
+                out.append(call)
+            continue
+        role = ROLE_ALIASES.get(raw_role) if raw_role is not None else None
         if role is None:
-            raise RowError("unknown_role", f"{what}[{i}] role '{message[role_key]}' (use system, user or assistant)")
+            raise RowError("unknown_role", f"{where} role '{message[role_key]}' "
+                           "(use system, developer, user, assistant or tool)")
+        if role == "assistant":
+            out.append(_assistant(message, content_key, where))
+            continue
         if content_key not in message:
-            raise RowError("missing_field", f"{what}[{i}] has no '{content_key}'")
-        out.append({"role": role, "content": _text(message[content_key], f"{what}[{i}].{content_key}")})
+            raise RowError("missing_field", f"{where} has no '{content_key}'")
+        if role == "tool":
+            out.append(_tool_result(message, content_key, where))
+        else:
+            out.append({"role": role, "content": _text(message[content_key], f"{where}.{content_key}")})
+    _name_tool_results(out)
     return out
+
+
+def _row_extras(row: dict, columns: dict[str, str]) -> dict:
+    """Row-level `tools` and `chat_template_kwargs`, only when present (plain chats hash as before)."""
+    extras = {}
+    tools = tools_list(row.get(_col(columns, "tools")))
+    if tools:
+        extras["tools"] = tools
+    kwargs = _json_value(row.get(_col(columns, "chat_template_kwargs")), "chat_template_kwargs",
+                         "malformed_chat_template_kwargs")
+    if kwargs:
+        if not isinstance(kwargs, dict):
+            raise RowError("malformed_chat_template_kwargs", "chat_template_kwargs must be an object")
+        extras["template_kwargs"] = kwargs
+    return extras
 
 
 def _chat(row: dict, fmt: str, columns: dict[str, str]) -> dict:
@@ -126,6 +303,10 @@ def _chat(row: dict, fmt: str, columns: dict[str, str]) -> dict:
     elif fmt == "sharegpt":
         messages = _messages(_field(row, columns, "conversations"), _col(columns, "from"), _col(columns, "value"),
                              "conversations")
+        if _col(columns, "system") in row and messages[0]["role"] != "system":  # ShareGPT's system column
+            system = _optional_text(row, columns, "system")
+            if system:
+                messages.insert(0, {"role": "system", "content": system})
     else:  # alpaca
         instruction = _text(_field(row, columns, "instruction"), "instruction")
         extra = _optional_text(row, columns, "input")
@@ -135,7 +316,7 @@ def _chat(row: dict, fmt: str, columns: dict[str, str]) -> dict:
         system = _optional_text(row, columns, "system")
         if system:
             messages.insert(0, {"role": "system", "content": system})
-    return {"kind": "chat", "messages": messages, "completion_start": 0}
+    return {"kind": "chat", "messages": messages, "completion_start": 0, **_row_extras(row, columns)}
 
 
 def _prompt_completion(row: dict, columns: dict[str, str]) -> dict:
@@ -146,7 +327,8 @@ def _prompt_completion(row: dict, columns: dict[str, str]) -> dict:
             else [{"role": "user", "content": _text(prompt, "prompt")}]
         completion_msgs = _messages(completion, "role", "content", "completion") if isinstance(completion, list) \
             else [{"role": "assistant", "content": _text(completion, "completion")}]
-        return {"kind": "chat", "messages": prompt_msgs + completion_msgs, "completion_start": len(prompt_msgs)}
+        return {"kind": "chat", "messages": prompt_msgs + completion_msgs, "completion_start": len(prompt_msgs),
+                **_row_extras(row, columns)}
     return {"kind": "prompt_completion", "prompt": _text(prompt, "prompt"), "completion": _text(completion, "completion")}
 
 

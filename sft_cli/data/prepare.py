@@ -38,12 +38,14 @@ from sft_cli.artifacts import (
 )
 from sft_cli.config import LossOn, SFTConfig, to_yaml
 from sft_cli.data.mix import mix_counts, sample, split_indices
-from sft_cli.data.render import Renderer
+from sft_cli.data.render import STAT_COLUMNS, Renderer
 from sft_cli.data.sources import content_fingerprint, default_num_proc, load_source, source_name
 from sft_cli.data.templates import load_tokenizer, special_token_ids
 from sft_cli.errors import ConfigError, SFTError
 
-PREPARE_VERSION = 2  # bump when the output of the same inputs changes (2: control tokens in text rejected, BOM)
+# Bump when the output of the same inputs changes (2: control tokens in text rejected, BOM;
+# 3: tool calls, reasoning, per-turn examples, stop tokens learned from the template).
+PREPARE_VERSION = 3
 KEPT_COLUMNS = ["input_ids", "labels", "source", "location", "num_tokens", "num_loss_tokens"]
 FEATURES = datasets.Features({
     "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -52,6 +54,9 @@ FEATURES = datasets.Features({
     "hash": datasets.Value("int64"), "reason": datasets.Value("string"), "detail": datasets.Value("string"),
     "kind": datasets.Value("string"), "num_tokens": datasets.Value("int32"),
     "num_loss_tokens": datasets.Value("int32"), "last_loss_id": datasets.Value("int64"),
+    "row": datasets.Value("int64"), "part": datasets.Value("int32"), "own": datasets.Value("int8"),
+    "stop_ids": datasets.Sequence(datasets.Value("int64")),
+    **{name: datasets.Value("int32") for name in STAT_COLUMNS},
 })
 
 
@@ -87,7 +92,9 @@ def prepare_fingerprint(cfg: SFTConfig, tokenizer) -> str:
         [content_fingerprint(s, i) for i, s in enumerate(data.sources)],
         [{k: str(v) for k, v in vars(s).items()} for s in data.sources],
         {"loss_on": data.loss_on.value, "overlong": data.overlong.value, "eval_fraction": data.eval_fraction,
-         "dedupe": data.dedupe, "on_error": data.on_error.value},
+         "dedupe": data.dedupe, "on_error": data.on_error.value, "reasoning_turns": data.reasoning_turns.value,
+         "reasoning_format": data.reasoning_format.value,
+         "chat_template_kwargs": json.dumps(dict(data.chat_template_kwargs), sort_keys=True, default=str)},
         cfg.max_seq_len, cfg.seed,
         tokenizer.backend_tokenizer.to_str(), tokenizer.chat_template, tokenizer.special_tokens_map,
     )
@@ -123,9 +130,9 @@ def build(cfg: SFTConfig, tokenizer, fp: str, out: Path) -> dict:
     work = Path(cfg.run_dir) / ".work"
     shutil.rmtree(work, ignore_errors=True)
     try:
-        raw, processed = _tokenize(cfg, tokenizer, names, work)
+        raw, processed, stop_tokens = _tokenize(cfg, tokenizer, names, work)
         with atomic_dir(out) as tmp:
-            report = _select_and_write(cfg, tokenizer, names, raw, processed, tmp)
+            report = _select_and_write(cfg, tokenizer, names, raw, processed, tmp, stop_tokens)
             write_manifest(tmp, fp, {"stage": "prepare", "rows": report["kept"], "eot_token_ids": report["eot_token_ids"]})
         return report
     finally:
@@ -140,12 +147,13 @@ def _tokenize(cfg: SFTConfig, tokenizer, names: list[str], work: Path):
         tokenizer, data.loss_on.value, cfg.max_seq_len, data.overlong.value,
         formats={n: s.format.value for n, s in zip(names, data.sources)},
         columns={n: dict(s.columns) for n, s in zip(names, data.sources)},
-        special_ids=special_token_ids(tokenizer))
+        special_ids=special_token_ids(tokenizer), reasoning_turns=data.reasoning_turns.value,
+        reasoning_format=data.reasoning_format.value, template_kwargs=dict(data.chat_template_kwargs))
     with ui.datasets_progress():
-        processed = raw.map(renderer, batched=True, batch_size=512, remove_columns=raw.column_names,
+        processed = raw.map(renderer, batched=True, batch_size=512, remove_columns=raw.column_names, with_indices=True,
                             features=FEATURES, num_proc=default_num_proc(len(raw), data.num_proc),
                             cache_file_name=str(work / "processed.arrow"), desc="templating + tokenizing")
-    return raw, processed
+    return raw, processed, renderer.stop_tokens()
 
 
 class _Columns:
@@ -168,12 +176,23 @@ class _Columns:
         self.tokens = table.column("num_tokens").to_numpy().astype(np.int64)
         self.loss_tokens = table.column("num_loss_tokens").to_numpy().astype(np.int64)
         self.last_loss_id = table.column("last_loss_id").to_numpy()
+        # A raw row gives one processed row when rejected and one or more examples when kept;
+        # `first` marks one per raw row, so rows are counted on it.
+        self.row = table.column("row").to_numpy()
+        self.first = table.column("part").to_numpy() == 0
+        self.own = table.column("own").to_numpy().astype(bool)
+        self.table_stats = {name: table.column(name).to_numpy().astype(np.int64) for name in STAT_COLUMNS}
+
+    def stop_ids(self, rows: np.ndarray) -> set[int]:
+        import pyarrow.compute as pc
+
+        return set(pc.unique(pc.list_flatten(self.table.column("stop_ids").take(rows))).to_pylist())
 
     def strings(self, column: str, rows: np.ndarray) -> list[str]:
         return self.table.column(column).take(rows).to_pylist()
 
 
-def _select_and_write(cfg, tokenizer, names, raw, processed, tmp: Path) -> dict:
+def _select_and_write(cfg, tokenizer, names, raw, processed, tmp: Path, stop_tokens: list[str]) -> dict:
     data = cfg.data
     cols = _Columns(processed, names)
     if data.on_error.value == "raise" and not cols.ok.all():
@@ -198,13 +217,13 @@ def _select_and_write(cfg, tokenizer, names, raw, processed, tmp: Path) -> dict:
 
     per_source = {}
     for code, (name, src) in enumerate(zip(names, data.sources)):
-        mine = cols.source == code
+        mine = (cols.source == code) & cols.first  # rows, not examples
         per_source[name] = {"read": int(mine.sum()), "kept": int((mine & kept).sum()),
                             "rejected": int((mine & ~kept).sum()), "split": src.split.value, "weight": src.weight}
     rejected_by_reason, first_rejected = _write_rejected(tmp / "rejected.jsonl", raw, cols, kept, duplicate_of)
     empty = [n for n, s in per_source.items() if s["kept"] == 0]
     if empty:
-        rows = np.flatnonzero((cols.source == names.index(empty[0])) & ~kept)
+        rows = np.flatnonzero((cols.source == names.index(empty[0])) & ~kept & cols.first)
         reasons = Counter("duplicate" if duplicate_of[j] >= 0 else r
                           for j, r in zip(rows.tolist(), cols.strings("reason", rows))).most_common(3)
         raise SFTError(f"source '{empty[0]}' has zero valid rows ({per_source[empty[0]]['read']} read; "
@@ -218,7 +237,11 @@ def _select_and_write(cfg, tokenizer, names, raw, processed, tmp: Path) -> dict:
         if src.split.value == "eval":
             train_parts[name], eval_parts[name] = idx[:0], idx
         else:
-            train_parts[name], eval_parts[name] = split_indices(idx, data.eval_fraction, cfg.seed, code)
+            # Split rows, not examples: the examples of one conversation stay on one side.
+            firsts = idx[cols.first[idx]]
+            train_rows, _ = split_indices(firsts, data.eval_fraction, cfg.seed, code)
+            in_train = np.isin(cols.row[idx], cols.row[train_rows])
+            train_parts[name], eval_parts[name] = idx[in_train], idx[~in_train]
     weights = {n: s.weight for n, s in zip(names, data.sources) if s.split.value == "train"}
     if weights and all(w is not None for w in weights.values()):
         counts = mix_counts({n: len(train_parts[n]) for n in weights}, weights)
@@ -239,9 +262,13 @@ def _select_and_write(cfg, tokenizer, names, raw, processed, tmp: Path) -> dict:
         per_source[name]["eval"] = int(len(eval_parts[name]))
 
     lengths = cols.tokens[kept]
+    kept_rows = kept & cols.first
+    stop_ids = cols.stop_ids(np.flatnonzero(kept & cols.chat)) if (kept & cols.chat).any() else set()
+    stop_ids |= {tokenizer.convert_tokens_to_ids(t) for t in stop_tokens} - {None, tokenizer.unk_token_id}
     report = {
         "run_dir": str(cfg.run_dir),
-        "read": int(len(kept)), "kept": int(kept.sum()), "rejected": int((~kept).sum()),
+        "read": int(cols.first.sum()), "kept": int(kept_rows.sum()), "rejected": int((cols.first & ~kept).sum()),
+        "examples": int(kept.sum()),
         "rejected_by_reason": rejected_by_reason, "first_rejected": first_rejected,
         "sources": per_source,
         "train_examples": int(len(train_idx)), "eval_examples": int(len(eval_idx)),
@@ -254,8 +281,12 @@ def _select_and_write(cfg, tokenizer, names, raw, processed, tmp: Path) -> dict:
         "length_histogram": _histogram(lengths),
         "max_seq_len": cfg.max_seq_len,
         "loss_on": data.loss_on.value,
-        # The tokens that close assistant turns: generation stops on these (see evaluate).
-        "eot_token_ids": sorted(set(cols.last_loss_id[kept & cols.chat].tolist())),
+        # The tokens that end a generated turn: generation stops on these (see evaluate, final/).
+        "eot_token_ids": sorted(int(t) for t in stop_ids),
+        # Tool calls and reasoning: what was trained, and what the per-turn examples cost.
+        "chat": {name: int(cols.table_stats[name][kept].sum()) for name in STAT_COLUMNS}
+        | {"turn_example_tokens": int(cols.tokens[kept & cols.own].sum()),
+           "reasoning_turns": data.reasoning_turns.value, "reasoning_format": data.reasoning_format.value},
     }
     write_json_atomic(tmp / "report.json", report)
     return report
@@ -279,13 +310,13 @@ def _write_rejected(path: Path, raw, cols: _Columns, kept, duplicate_of, chunk: 
     """Every rejected row with its reason, location and raw text (cut), streamed in chunks."""
     counts: Counter = Counter()
     first: list[dict] = []
-    rows_all = np.flatnonzero(~kept)
+    rows_all = np.flatnonzero(~kept & cols.first)  # one line per rejected raw row
     with open(path, "w") as handle:
         for lo in range(0, len(rows_all), chunk):
             rows = rows_all[lo:lo + chunk]
             reasons, details = cols.strings("reason", rows), cols.strings("detail", rows)
             locations, sources = cols.strings("location", rows), cols.strings("source", rows)
-            raw_text = raw.data.column("raw").take(rows).to_pylist()
+            raw_text = raw.data.column("raw").take(cols.row[rows]).to_pylist()
             for k, j in enumerate(rows.tolist()):
                 reason, detail = reasons[k], details[k]
                 if duplicate_of[j] >= 0:

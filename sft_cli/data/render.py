@@ -1,20 +1,11 @@
 """Examples -> (input_ids, labels): the chat template and the loss mask.
 
-The mask comes from the rendered text, so it works with any Hugging Face chat
-template, with or without `{% generation %}` markers. For each assistant turn i:
-
-    prompt_i = template(messages[:i], add_generation_prompt=True)   # what inference sees
-    upto_i   = template(messages[:i+1])
-    full     = template(messages)
-
-`full` must start with `prompt_i`, and the turn's loss span runs from there to
-where `upto_i` and `full` part ways, trailing whitespace cut: the reply plus the
-tokens that close it (`<|im_end|>`, `<|eot_id|>`, `</s>`), so the model learns to
-stop. A template that renders an old turn unlike a live one (reasoning templates
-drop old thoughts) leaves that turn untrained; if the last turn does not match
-what inference would see, the row is rejected as `template_mismatch`.
-Characters map to tokens through the fast tokenizer's offsets; a token is trained
-when it overlaps a span.
+Chats go through `data/chat.py`, which cuts each conversation into training texts and the
+character spans that carry loss (every assistant turn exactly as the model generates it, with
+its reasoning, tool calls and end token); here those texts are tokenized and the spans become
+labels. Characters map to tokens through the fast tokenizer's offsets; a token is trained when it
+overlaps a span. One raw row may give several examples (a turn whose reasoning the template drops
+from history is trained in its own example); all of a row's examples are kept or none.
 
     ChatML:  <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
     loss:                                                        ^^^^^^^^^^^^^^^^
@@ -22,27 +13,17 @@ when it overlaps a span.
 
 from __future__ import annotations
 
+import json
 import re
+from collections import Counter
 
 import numpy as np
 
+from sft_cli.data.chat import ChatRenderer
 from sft_cli.data.formats import RowError, check_trainable, example_hash, normalize
 from sft_cli.data.templates import special_tokens
 
 IGNORE_INDEX = -100
-
-
-def _compile(template: str):
-    try:  # transformers' own compiled environment: same globals (raise_exception, strftime_now, ...)
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
-        return _compile_jinja_template(template)
-    except ImportError:  # pragma: no cover - older/newer transformers
-        # Sandboxed like transformers' own: a template from a downloaded tokenizer must not reach
-        # Python internals (`''.__class__.__mro__`).
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
 
 
 def control_token_pattern(tokenizer) -> re.Pattern | None:
@@ -62,7 +43,18 @@ def example_texts(example: dict) -> list[tuple[str, str]]:
         return [("text", example["text"])]
     if example["kind"] == "prompt_completion":
         return [("prompt", example["prompt"]), ("completion", example["completion"])]
-    return [(f"messages[{i}].content", m["content"]) for i, m in enumerate(example["messages"])]
+    texts = []
+    for i, m in enumerate(example["messages"]):
+        where = f"messages[{i}]"
+        if m.get("content"):
+            texts.append((f"{where}.content", m["content"]))
+        if m.get("reasoning_content"):
+            texts.append((f"{where}.reasoning_content", m["reasoning_content"]))
+        if m.get("tool_calls"):
+            texts.append((f"{where}.tool_calls", json.dumps(m["tool_calls"], ensure_ascii=False)))
+    if example.get("tools"):
+        texts.append(("tools", json.dumps(example["tools"], ensure_ascii=False)))
+    return texts
 
 
 def _printable(detail: str, limit: int = 300) -> str:
@@ -70,11 +62,18 @@ def _printable(detail: str, limit: int = 300) -> str:
     return detail.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
 
 
+# Per-example counts the report sums (see prepare.py). Row-level ones sit on a row's first example.
+STAT_COLUMNS = ("rows_with_tools", "tool_calls_trained", "turns_trained", "reasoning_turns_trained",
+                "turn_examples", "empty_think_filled", "reasoning_inlined", "reasoning_dropped", "turns_untrained")
+
+
 class Renderer:
-    """Callable for `datasets.map(batched=True)`: raw rows -> tokenized, masked rows or rejections."""
+    """Callable for `datasets.map(batched=True, with_indices=True)`: raw rows -> tokenized, masked
+    examples (one or more per row) or one rejection per row."""
 
     def __init__(self, tokenizer, loss_on: str, max_seq_len: int, overlong: str, formats: dict[str, str],
-                 columns: dict[str, dict[str, str]], special_ids: set[int]):
+                 columns: dict[str, dict[str, str]], special_ids: set[int], reasoning_turns: str = "all",
+                 reasoning_format: str = "inline", template_kwargs: dict | None = None):
         self.tokenizer = tokenizer
         self.loss_on = loss_on
         self.max_seq_len = max_seq_len
@@ -82,93 +81,49 @@ class Renderer:
         self.formats = formats  # source name -> format
         self.columns = columns  # source name -> column mapping
         self.special_ids = special_ids
-        # The same variables apply_chat_template passes, so prompts match inference exactly.
-        self.template_vars = dict(tokenizer.special_tokens_map)
         bos = tokenizer.bos_token
         adds_bos = bos is not None and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
         # Non-chat rows get BOS only if this tokenizer normally adds it, and always EOS.
         self.bos_text = bos if adds_bos else ""
         self.eos_text = tokenizer.eos_token or ""
-        # Longest first: the end of a turn must never fall inside one of these strings.
-        self.markers = sorted((t for t in tokenizer.added_tokens_encoder if len(t) > 1), key=len, reverse=True)
         self.control_tokens = control_token_pattern(tokenizer)
-        self._compiled = None
-        self._parts = None  # does the template want content as [{"type": "text", "text": ...}]?
+        self.chat = None
+        if tokenizer.chat_template:
+            # Longest first: the end of a turn must never fall inside one of these strings.
+            markers = [t for t in tokenizer.added_tokens_encoder if len(t) > 1]
+            self.chat = ChatRenderer(
+                tokenizer.chat_template, dict(tokenizer.special_tokens_map), sorted(special_tokens(tokenizer)),
+                markers, loss_on="assistant" if loss_on == "completion" else loss_on,
+                reasoning_turns=reasoning_turns, reasoning_format=reasoning_format,
+                template_kwargs=template_kwargs, eos_token=tokenizer.eos_token)
 
-    def __getstate__(self):  # compiled jinja does not pickle; each worker compiles its own
-        return {**self.__dict__, "_compiled": None}
-
-    # -- text and character spans ------------------------------------------------------------
-    def _render_raw(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        if self._compiled is None:
-            self._compiled = _compile(self.tokenizer.chat_template)
-        if self._parts:
-            messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **self.template_vars)
-
-    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        if not self.tokenizer.chat_template:
+    def render(self, messages: list[dict], add_generation_prompt: bool, tools=None, kwargs=None) -> str:
+        if self.chat is None:
             raise RowError("no_chat_template")
-        if self._parts is None:
-            self._parts = self._wants_parts()
-        try:
-            return self._render_raw(messages, add_generation_prompt)
-        except Exception as exc:  # the template's own raise_exception, or a jinja error
-            raise RowError("template_error", str(exc).splitlines()[0][:200]) from None
+        return self.chat.render(self.chat.for_template(messages, Counter()), add_generation_prompt, tools, kwargs)
 
-    def _wants_parts(self) -> bool:
-        """Multimodal templates iterate content parts and silently drop a plain string."""
-        probe = [{"role": "user", "content": "zq1"}, {"role": "assistant", "content": "zq2"}]
-        self._parts = False
-        try:
-            if "zq2" in self._render_raw(probe, False):
-                return False
-            self._parts = True
-            return "zq2" in self._render_raw(probe, False)
-        except Exception:
-            return False
+    def stop_tokens(self) -> list[str]:
+        return self.chat.stop_tokens() if self.chat is not None else []
 
-    def text_and_spans(self, example: dict) -> tuple[str, list[tuple[int, int]]]:
-        """The example as one string, and the [start, end) character spans that carry loss."""
+    def examples(self, example: dict) -> tuple[list[tuple[str, list[tuple[int, int]], list[int], bool]], Counter]:
+        """(text, loss spans, tool-call span indices, own) for each example of a row, and its counts."""
         kind = example["kind"]
         if kind == "text":
             text = self.bos_text + example["text"] + self.eos_text
-            return text, [(0, len(text))]
+            return [(text, [(0, len(text))], [], False)], Counter()
         if kind == "prompt_completion":
             prompt = self.bos_text + example["prompt"]
             text = prompt + example["completion"] + self.eos_text
-            return text, [(0 if self.loss_on == "all" else len(prompt), len(text))]
+            return [(text, [(0 if self.loss_on == "all" else len(prompt), len(text))], [], False)], Counter()
+        if self.chat is None:
+            raise RowError("no_chat_template")
+        cut, stats = self.chat.examples(example)
+        return [(e.text, e.spans, e.tool_call_spans, e.own) for e in cut], stats
 
-        messages = example["messages"]
-        full = self.render(messages, add_generation_prompt=False)
-        if self.loss_on == "all":
-            return full, [(0, len(full))]
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= example["completion_start"]]
-        if self.loss_on == "last_assistant":
-            turns = turns[-1:]
-        spans = []
-        for i in turns:
-            last = i == len(messages) - 1
-            prompt = self.render(messages[:i], add_generation_prompt=True)
-            upto = full if last else self.render(messages[: i + 1], add_generation_prompt=False)
-            # The turn ends where "conversation so far" and "whole conversation" part ways: a
-            # template may close a conversation differently from a turn (Phi-3 appends EOS).
-            end = _snap_before_marker(full, _common_prefix_len(upto, full), self.markers)
-            reply = full[len(prompt):end] if full.startswith(prompt) else ""
-            if messages[i]["content"].strip() not in reply:
-                if last:
-                    at = _common_prefix_len(prompt, full)
-                    raise RowError("template_mismatch", f"turn {i}: the inference prompt continues with "
-                                   f"{prompt[at:at + 24]!r} but the conversation with {full[at:at + 24]!r} "
-                                   "(e.g. a template that forces '<think>' on data without reasoning)")
-                # A template that rewrites history (reasoning models drop old thoughts) renders this
-                # turn unlike what the model generates live: training on it would teach the wrong thing.
-                continue
-            spans.append((len(prompt), len(prompt) + len(reply.rstrip())))
-        if not spans:
-            raise RowError("template_mismatch", "no assistant turn renders as it would be generated")
-        return full, spans
+    def text_and_spans(self, example: dict) -> tuple[str, list[tuple[int, int]]]:
+        """The first example of a row as (text, spans): the whole conversation for most rows."""
+        text, spans, _, _ = self.examples(example)[0][0]
+        return text, spans
 
     def check_no_control_tokens(self, example: dict) -> None:
         if self.control_tokens is None:
@@ -198,13 +153,10 @@ class Renderer:
         return results
 
     # -- batched map -------------------------------------------------------------------------
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict, indices: list[int] | None = None) -> dict:
         n = len(batch["raw"])
-        out = {"input_ids": [[] for _ in range(n)], "labels": [[] for _ in range(n)],
-               "source": batch["source"], "location": batch["location"],
-               "hash": [0] * n, "reason": [""] * n, "detail": [""] * n, "kind": [""] * n,
-               "num_tokens": [0] * n, "num_loss_tokens": [0] * n, "last_loss_id": [-1] * n}
-        texts, spans, rows = [], [], []
+        indices = list(range(n)) if indices is None else indices
+        planned = []  # per row: (examples, stats, hash, kind) or a RowError
         for j in range(n):
             try:
                 if batch["error"][j]:
@@ -214,66 +166,81 @@ class Renderer:
                 example = normalize(batch["raw"][j], self.formats[source], self.columns[source])
                 check_trainable(example, self.loss_on)
                 self.check_no_control_tokens(example)
-                out["hash"][j] = example_hash(example)
-                out["kind"][j] = example["kind"]
-                text, example_spans = self.text_and_spans(example)
+                cut, stats = self.examples(example)
+                planned.append((cut, stats, example_hash(example), example["kind"]))
             except RowError as exc:
-                out["reason"][j], out["detail"][j] = exc.reason, _printable(exc.detail)
-                continue
+                planned.append(exc)
             except Exception as exc:  # a bug of ours must cost one counted row, never the whole run
-                out["reason"][j], out["detail"][j] = "unexpected_error", _printable(f"{type(exc).__name__}: {exc}")
+                planned.append(RowError("unexpected_error", f"{type(exc).__name__}: {exc}"))
+        texts = [text for row in planned if not isinstance(row, RowError) for text, *_ in row[0]]
+        encoded = iter(self._encode(texts) if texts else [])
+
+        out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
+        for j, row in enumerate(planned):
+            if not isinstance(row, RowError):
+                cut, stats, row_hash, kind = row
+                results = [self._tokens(next(encoded), spans, call_spans) for _, spans, call_spans, _ in cut]
+                row = next((r for r in results if isinstance(r, RowError)), row)  # a row is kept whole or not at all
+            if isinstance(row, RowError):
+                self._append(out, batch, j, indices[j], reason=row.reason, detail=_printable(row.detail))
                 continue
-            texts.append(text)
-            spans.append(example_spans)
-            rows.append(j)
-        if not texts:
-            return out
-        for j, encoded, example_spans in zip(rows, self._encode(texts), spans):
-            if isinstance(encoded, RowError):
-                out["reason"][j], out["detail"][j] = encoded.reason, _printable(encoded.detail)
-                continue
-            ids, offsets = encoded
-            labels = loss_labels(ids, offsets, example_spans)
-            # Position 0 is never a target: nothing precedes it. Counting it would make the loss-token
-            # count (and so the loss normalisation) differ from what training can actually predict.
-            labels[0] = IGNORE_INDEX
-            if len(ids) > self.max_seq_len:
-                if self.overlong == "drop":
-                    out["reason"][j], out["detail"][j] = "overlong", f"{len(ids)} tokens > max_seq_len {self.max_seq_len}"
-                    continue
-                ids, labels = ids[: self.max_seq_len], labels[: self.max_seq_len]
-            supervised = [t for t in labels if t != IGNORE_INDEX]
-            if not supervised:
-                out["reason"][j], out["detail"][j] = "no_loss_tokens", f"{len(ids)} tokens, none trained"
-                continue
-            out["input_ids"][j], out["labels"][j] = list(ids), labels
-            out["num_tokens"][j], out["num_loss_tokens"][j] = len(ids), len(supervised)
-            out["last_loss_id"][j] = supervised[-1]
+            for part, ((_, _, _, own), (ids, labels, stop_ids)) in enumerate(zip(cut, results)):
+                supervised = [t for t in labels if t != IGNORE_INDEX]
+                # Several examples of one row differ by part: they must not count as duplicates.
+                part_hash = row_hash if part == 0 else example_hash({"row": row_hash, "part": part})
+                self._append(out, batch, j, indices[j], input_ids=ids, labels=labels, hash=part_hash, kind=kind,
+                             part=part, own=int(own), num_tokens=len(ids), num_loss_tokens=len(supervised),
+                             last_loss_id=supervised[-1], stop_ids=stop_ids,
+                             **{name: stats.get(name, 0) if part == 0 else 0 for name in STAT_COLUMNS})
         return out
 
+    def _tokens(self, encoded, spans, call_spans):
+        """(ids, labels, stop ids) of one example, or RowError."""
+        if isinstance(encoded, RowError):
+            return encoded
+        ids, offsets = encoded
+        labels = loss_labels(ids, offsets, spans)
+        # Position 0 is never a target: nothing precedes it. Counting it would make the loss-token
+        # count (and so the loss normalisation) differ from what training can actually predict.
+        labels[0] = IGNORE_INDEX
+        if len(ids) > self.max_seq_len:
+            if self.overlong == "drop":
+                return RowError("overlong", f"{len(ids)} tokens > max_seq_len {self.max_seq_len}")
+            ids, labels = ids[: self.max_seq_len], labels[: self.max_seq_len]
+        if all(t == IGNORE_INDEX for t in labels):
+            return RowError("no_loss_tokens", f"{len(ids)} tokens, none trained")
+        # The tokens that end generation: the example's last trained token, and each tool call's
+        # (the model stops there to wait for the result: gpt-oss <|call|>, GLM <|observation|>).
+        stops = {next(t for t in reversed(labels) if t != IGNORE_INDEX)}
+        for k in call_spans:
+            last = _last_token_in(offsets, spans[k], len(ids))
+            if last is not None:
+                stops.add(int(ids[last]))
+        return list(ids), labels, sorted(stops)
 
-def _common_prefix_len(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # binary search: the first index where they differ
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if a[: mid + 1] == b[: mid + 1]:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+    @staticmethod
+    def _append(out: dict, batch: dict, j: int, row: int, **values) -> None:
+        defaults = {"input_ids": [], "labels": [], "hash": 0, "reason": "", "detail": "", "kind": "", "part": 0,
+                    "own": 0, "num_tokens": 0, "num_loss_tokens": 0, "last_loss_id": -1, "stop_ids": []}
+        defaults.update({name: 0 for name in STAT_COLUMNS})
+        defaults.update(values)
+        defaults.update(source=batch["source"][j], location=batch["location"][j], row=row)
+        for name in OUTPUT_COLUMNS:
+            out[name].append(defaults[name])
 
 
-def _snap_before_marker(text: str, pos: int, markers: list[str]) -> int:
-    """Move `pos` to the start of a special token it falls inside (`<|im_end|>` vs `<|im_start|>`
-    agree on 5 characters; the turn boundary is before either, not inside)."""
-    for marker in markers:
-        start = text.find(marker, max(0, pos - len(marker) + 1), pos + len(marker) - 1)
-        if start != -1 and start < pos < start + len(marker):
-            return start
-    return pos
+OUTPUT_COLUMNS = ("input_ids", "labels", "source", "location", "row", "part", "own", "hash", "reason", "detail",
+                  "kind", "num_tokens", "num_loss_tokens", "last_loss_id", "stop_ids", *STAT_COLUMNS)
+
+
+def _last_token_in(offsets, span: tuple[int, int], limit: int) -> int | None:
+    """Index of the last token overlapping a character span (None when truncated away)."""
+    lo, hi = span
+    for t in range(min(len(offsets), limit) - 1, -1, -1):
+        start, end = offsets[t]
+        if start < hi and (end > lo or start == end >= lo):
+            return t
+    return None
 
 
 def loss_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:

@@ -82,3 +82,80 @@ def test_trainability_depends_on_loss_on():
     with pytest.raises(RowError, match="not_ending_with_assistant"):
         check_trainable(dangling, "assistant")
     check_trainable(dangling, "all")  # every token trains: a trailing user turn is fine
+
+
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+
+
+def test_tool_calls_arguments_as_object_or_json_text_normalise_alike():
+    as_object = {"role": "assistant", "content": None,
+                 "tool_calls": [{"id": "c1", "type": "function",
+                                 "function": {"name": "weather", "arguments": {"city": "Paris"}}}]}
+    as_text = {"role": "assistant", "content": "",
+               "tool_calls": [{"id": "c1", "type": "function",
+                               "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]}
+    rows = [norm({"messages": [CHAT[0], call, {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                               CHAT[1]], "tools": tools})
+            for call, tools in ((as_object, [WEATHER]), (as_text, json.dumps([WEATHER])))]
+    assert rows[0] == rows[1] and example_hash(rows[0]) == example_hash(rows[1])
+    messages = rows[0]["messages"]
+    assert messages[1] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]}
+    assert messages[2] == {"role": "tool", "content": "sunny", "tool_call_id": "c1", "name": "weather"}
+    assert rows[0]["tools"] == [WEATHER]
+
+
+def test_bare_tool_specs_are_wrapped_and_json_results_dumped():
+    example = norm({"messages": [CHAT[0], {"role": "tool", "content": {"temp": 21}}, CHAT[1]],
+                    "tools": [{"name": "weather", "parameters": {}}]})
+    assert example["tools"] == [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    assert example["messages"][1]["content"] == '{"temp": 21}'
+
+
+def test_reasoning_fields_and_inline_think_normalise_alike():
+    expected = {"role": "assistant", "content": "4", "reasoning_content": "2+2 is 4"}
+    for message in ({"role": "assistant", "content": "4", "reasoning_content": "2+2 is 4"},
+                    {"role": "assistant", "content": "4", "reasoning": "2+2 is 4"},
+                    {"role": "assistant", "content": "4", "thinking": "2+2 is 4"},
+                    {"role": "assistant", "content": "<think>\n2+2 is 4\n</think>\n\n4"},
+                    {"role": "assistant", "content": "2+2 is 4</think>4"}):  # R1 style: opened by the prompt
+        assert norm({"messages": [CHAT[0], message]})["messages"][1] == expected
+
+
+def test_sharegpt_function_call_and_observation():
+    example = norm({"conversations": [
+        {"from": "human", "value": "Weather?"},
+        {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": "sunny"},
+        {"from": "gpt", "value": "Sunny."}], "tools": json.dumps([WEATHER]), "system": "Be brief"})
+    assert [m["role"] for m in example["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    assert example["messages"][2]["tool_calls"][0]["function"] == {"name": "weather", "arguments": {"city": "Paris"}}
+    assert example["messages"][3]["name"] == "weather"
+
+
+def test_developer_role_and_row_template_kwargs():
+    example = norm({"messages": [{"role": "developer", "content": "Rules"}, *CHAT],
+                    "chat_template_kwargs": {"enable_thinking": False}})
+    assert example["messages"][0]["role"] == "developer"
+    assert example["template_kwargs"] == {"enable_thinking": False}
+
+
+@pytest.mark.parametrize("message, reason", [
+    ({"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": {}}}]}, "malformed_tool_call"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]},
+     "malformed_tool_arguments"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]},
+     "malformed_tool_arguments"),
+    ({"role": "assistant", "content": None}, "empty_content"),
+    ({"role": "assistant", "content": "<think>only thoughts</think>"}, "empty_content"),
+])
+def test_bad_tool_and_reasoning_rows_have_reasons(message, reason):
+    with pytest.raises(RowError) as info:
+        norm({"messages": [CHAT[0], message]})
+    assert info.value.reason == reason
+
+
+def test_malformed_tools_column():
+    with pytest.raises(RowError) as info:
+        norm({"messages": CHAT, "tools": "[{not json"})
+    assert info.value.reason == "malformed_tools"

@@ -1,7 +1,7 @@
 """Loss masks are exact: the trained tokens decode to the replies plus their end-of-turn
 markers, nothing else, under several chat-template families."""
 
-from pathlib import Path
+import json
 
 import pytest
 
@@ -122,58 +122,46 @@ def _with_template(tok, template):
     return copy
 
 
-def test_template_that_rewrites_history_trains_only_live_turns(tiny_tokenizer):
-    # Drops old assistant replies from history, as reasoning templates drop old thoughts:
-    # the first reply is never rendered as it was generated, so it must not train.
+def test_template_that_rewrites_history_trains_turns_where_they_are_live(tiny_tokenizer):
+    # Drops old assistant replies from history, as reasoning templates drop old thoughts: the first
+    # reply is never rendered in the conversation as it was generated, so it must not train there.
+    # It trains in its own example, the conversation up to it (reasoning_turns=all), or not at all (last).
     tok = _with_template(tiny_tokenizer("chatml"), (
         "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
         "{{ m['role'] + ': ' + m['content'] + '<|im_end|>' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}assistant: {% endif %}"))
-    row = encode(tok, {"messages": CONVERSATION})
-    assert row["reason"] == ""
-    assert trained_text(tok, row) == CONVERSATION[-1]["content"] + "<|im_end|>"
+    raw = {"raw": [json.dumps({"messages": CONVERSATION})], "source": ["s"], "location": ["f:1"], "error": [None]}
+    every = renderer(tok)(raw)
+    assert every["reason"] == ["", ""] and every["turn_examples"][0] == 1
+    assert [trained_text(tok, {"labels": labels}) for labels in every["labels"]] == \
+        [m["content"] + "<|im_end|>" for m in CONVERSATION if m["role"] == "assistant"]
+    last = Renderer(tok, "assistant", 4096, "drop", formats={"s": "auto"}, columns={"s": {}},
+                    special_ids=special_token_ids(tok), reasoning_turns="last")(raw)
+    assert last["reason"] == [""] and last["turns_untrained"][0] == 1
+    assert trained_text(tok, {"labels": last["labels"][0]}) == CONVERSATION[-1]["content"] + "<|im_end|>"
 
 
-def test_generation_prompt_the_data_cannot_match_is_rejected(tiny_tokenizer):
-    # The inference prompt forces "<think>" but the reply has no reasoning: training would
-    # teach replies the model is never in a position to give.
+def test_always_thinking_prompt_without_reasoning_gets_an_empty_think_block(tiny_tokenizer):
+    # The inference prompt opens "<think>" and the data has no reasoning: the model, in that position,
+    # closes an empty block and answers. That is what trains (counted), never a rejection of the row.
     tok = _with_template(tiny_tokenizer("chatml"), (
         "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|im_end|>' }}{% endfor %}"
         "{% if add_generation_prompt %}assistant: <think>{% endif %}"))
-    row = encode(tok, {"messages": CONVERSATION})
-    assert row["reason"] == "template_mismatch" and "<think>" in row["detail"]
+    r = renderer(tok)
+    out = r({"raw": [json.dumps({"messages": CONVERSATION})], "source": ["s"], "location": ["f:1"], "error": [None]})
+    assert out["reason"] == ["", ""]  # each reply in its own example: history shows no think block
+    replies = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
+    for labels, reply in zip(out["labels"], replies):
+        assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "\n</think>\n\n" + reply + "<|im_end|>"
+    assert out["empty_think_filled"][0] == 2 and out["turn_examples"][0] == 1
 
 
 def test_template_closing_conversation_differently(tiny_tokenizer):
-    # Phi-3 style: EOS only after the whole conversation. Each turn still ends at its marker.
+    # Phi-3 style: EOS only after the whole conversation. Each turn ends at its own marker; the
+    # conversation's EOS is never generated (generation stops at the marker), so it does not train.
     tok = _with_template(tiny_tokenizer("chatml"), (
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% else %}{{ eos_token }}{% endif %}"))
     row = encode(tok, {"messages": CONVERSATION})
     assert row["reason"] == ""
-    assert trained_text(tok, row) == "It is 4.<|im_end|>" + CONVERSATION[-1]["content"] + "<|im_end|>\n<|im_end|>"
-
-
-def _trl_templates():
-    try:
-        import trl
-    except ImportError:
-        return []
-    return sorted((Path(trl.__file__).parent / "chat_templates").glob("*.jinja"))
-
-
-@pytest.mark.parametrize("path", _trl_templates(), ids=lambda p: p.stem)
-def test_real_chat_templates_mask_replies_only(tiny_tokenizer, path):
-    """~70 real templates (shipped with TRL): replies train, prompts never do."""
-    tok = tiny_tokenizer("chatml").__class__.from_pretrained(tiny_tokenizer("chatml").name_or_path)
-    tok.chat_template = path.read_text()
-    conversation = [{"role": "user", "content": "Question one?"}, {"role": "assistant", "content": "Answer one."},
-                    {"role": "user", "content": "Question two?"}, {"role": "assistant", "content": "Answer two."}]
-    row = encode(tok, {"messages": conversation})
-    if row["reason"]:
-        # Allowed only when the template itself refuses, or rewrites history (reasoning models).
-        assert row["reason"] in ("template_error", "template_mismatch"), row
-        return
-    trained = trained_text(tok, row)
-    assert "Answer two." in trained
-    assert "Question" not in trained
+    assert trained_text(tok, row) == "It is 4.<|im_end|>" + CONVERSATION[-1]["content"] + "<|im_end|>"

@@ -221,7 +221,7 @@ CLASSES = [
     ("content is an object",
      {"messages": [HI, {"role": "assistant", "content": {"a": 1}}]}, "non_string_content"),
     ("role is a list", {"messages": [{"role": ["user"], "content": "x"}, HI]}, "unknown_role"),
-    ("unknown role (tool)", {"messages": [HI, {"role": "tool", "content": "x"}]}, "unknown_role"),
+    ("unknown role", {"messages": [HI, {"role": "narrator", "content": "x"}]}, "unknown_role"),
     ("roles out of order, ending on user",
      {"messages": [{"role": "assistant", "content": "a"}, HI]}, "not_ending_with_assistant"),
     ("no assistant turn", {"messages": [HI]}, "no_assistant_turn"),
