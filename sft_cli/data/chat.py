@@ -63,7 +63,6 @@ class Example:
     turns: list[int]  # message indices trained here
     own: bool = False  # a turn's own example (its reasoning is dropped from the full conversation)
     tool_call_spans: list[int] = field(default_factory=list)  # indices into spans of tool-calling turns
-    reasoning_dropped: bool = False  # data.reasoning_format=drop took this turn's reasoning out
 
 
 def _common_prefix_len(a: str, b: str) -> int:
@@ -127,7 +126,7 @@ class ChatRenderer:
 
     def __init__(self, template: str, template_vars: dict, specials: list[str], markers: list[str] | None = None,
                  loss_on: str = "assistant", reasoning_turns: str = "all", reasoning_format: str = "inline",
-                 template_kwargs: dict | None = None, eos_token: str | None = None):
+                 template_kwargs: dict | None = None):
         self.template = template
         self.template_vars = dict(template_vars)  # special tokens by name, as apply_chat_template passes them
         self.specials = sorted(set(specials), key=len, reverse=True)  # longest first
@@ -136,7 +135,6 @@ class ChatRenderer:
         self.reasoning_turns = reasoning_turns
         self.reasoning_format = reasoning_format
         self.template_kwargs = dict(template_kwargs or {})
-        self.eos_token = eos_token
         self.uses_generation_blocks = bool(GENERATION_BLOCK.search(template))
         self._profile: dict | None = None
 
@@ -316,20 +314,17 @@ class ChatRenderer:
 
         if self.uses_generation_blocks:
             full, indices = self.render(messages, False, tools, kwargs, return_indices=True)
-            self._check_context(example, full)
-            spans = [tuple(span) for span in indices]
-            # The template's markers decide what trains; reasoning it leaves out is counted, not hidden.
-            stats["reasoning_dropped"] += sum(1 for m in source if m.get("reasoning_content")
-                                              and not _appears(m["reasoning_content"], full))
-            if self.loss_on == "last_assistant":
-                spans = spans[-1:]
-            if self.loss_on == "all":
-                spans = [(0, len(full))]
-            return [Example(full, spans, [])], stats
-        full = render(messages)
+        else:
+            full = render(messages)
         self._check_context(example, full)
         if self.loss_on == "all":
             return [Example(full, [(0, len(full))], [])], stats
+        if self.uses_generation_blocks:
+            # The template's markers decide what trains; reasoning it leaves out is counted, not hidden.
+            stats["reasoning_dropped"] += sum(1 for m in source if m.get("reasoning_content")
+                                              and not _appears(m["reasoning_content"], full))
+            spans = [tuple(span) for span in indices]
+            return [Example(full, spans[-1:] if self.loss_on == "last_assistant" else spans, [])], stats
 
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= example["completion_start"]]
         if self.loss_on == "last_assistant":
@@ -339,18 +334,15 @@ class ChatRenderer:
         owns: list[Example] = []
         for i in turns:
             prompt = render(messages[:i], add_generation_prompt=True)
-            has_calls = bool(messages[i].get("tool_calls"))
             if i == last_message:
                 # The conversation's last turn: rendered live in `full` itself (filled or closed as needed).
-                own = self._own(messages, i, prompt, full, render, stats)
-                self._check_turn(source[i], own.text[own.spans[0][0]:own.spans[0][1]], i, own.reasoning_dropped)
-                if all(end <= _common_prefix_len(own.text, full) for _, end in main.spans):
-                    main = Example(own.text, main.spans + own.spans, main.turns + [i],
-                                   tool_call_spans=main.tool_call_spans)
-                    self._count(stats, source[i], main, has_calls)
+                text, span, dropped = self._own(messages, i, prompt, full, render, stats)
+                self._check_turn(source[i], text[span[0]:span[1]], i, dropped)
+                if all(end <= _common_prefix_len(text, full) for _, end in main.spans):
+                    main.text = text  # earlier turns sit in the shared prefix
+                    self._train(stats, main, span, source[i], i, dropped)
                 else:
-                    owns.append(own)
-                    self._count(stats, source[i], own, has_calls)
+                    owns.append(self._train(stats, Example(text, [], [], own=True), span, source[i], i, dropped))
                 continue
             live = render(messages[: i + 1])
             if live.startswith(prompt) and full.startswith(live):
@@ -358,47 +350,47 @@ class ChatRenderer:
                 end = self._close_within(full, len(prompt), len(live))
                 if end is not None:
                     self._check_turn(source[i], full[len(prompt):end], i)
-                    main.spans.append((len(prompt), end))
-                    main.turns.append(i)
-                    self._count(stats, source[i], main, has_calls)
+                    self._train(stats, main, (len(prompt), end), source[i], i)
                     continue
-            own = self._own(messages, i, prompt, live, render, stats)
-            own_trained = own.text[own.spans[0][0]:own.spans[0][1]]
-            self._check_turn(source[i], own_trained, i, own.reasoning_dropped)
-            in_full = None
-            if full.startswith(prompt):
-                in_full = self._close_within(full, len(prompt), _common_prefix_len(live, full))
-            if in_full is not None and _body(full[len(prompt):in_full], self.specials) == _body(own_trained,
-                                                                                                  self.specials):
-                main.spans.append((len(prompt), in_full))  # same turn, only its end token differs (gpt-oss)
-                main.turns.append(i)
-                self._count(stats, source[i], main, has_calls)
+            text, span, dropped = self._own(messages, i, prompt, live, render, stats)
+            trained = text[span[0]:span[1]]
+            self._check_turn(source[i], trained, i, dropped)
+            in_full = self._close_within(full, len(prompt), _common_prefix_len(live, full)) \
+                if full.startswith(prompt) else None
+            if in_full is not None and _body(full[len(prompt):in_full], self.specials) == _body(trained, self.specials):
+                self._train(stats, main, (len(prompt), in_full), source[i], i)  # only the end token differs (gpt-oss)
             elif self.reasoning_turns == "all":
-                owns.append(own)  # history renders this turn unlike the live one: train it where it is live
-                self._count(stats, source[i], own, has_calls)
+                # History renders this turn unlike the live one: train it where it is live.
+                owns.append(self._train(stats, Example(text, [], [], own=True), span, source[i], i, dropped))
             else:
                 stats["turns_untrained"] += 1
         examples = sorted(([main] if main.spans else []) + owns, key=lambda e: e.turns[0])  # in turn order
         if not examples:
             raise RowError("template_mismatch", "no assistant turn renders as it would be generated")
         stats["turn_examples"] += len(owns)
-        stats["turn_example_chars"] += sum(len(e.text) for e in owns)
         return examples, stats
 
-    def _count(self, stats: Counter, message: dict, example: Example, has_calls: bool) -> None:
+    def _train(self, stats: Counter, example: Example, span: tuple[int, int], message: dict, i: int,
+               reasoning_dropped: bool = False) -> Example:
+        """Turn i (`message`, as the user wrote it) trains on `span` of `example`; counted."""
+        example.spans.append(span)
+        example.turns.append(i)
         stats["turns_trained"] += 1
-        if has_calls:
+        if message.get("tool_calls"):
             stats["tool_calls_trained"] += len(message["tool_calls"])
             example.tool_call_spans.append(len(example.spans) - 1)
-        if message.get("reasoning_content") and self._keeps_reasoning():
+        if message.get("reasoning_content") and self._keeps_reasoning() and not reasoning_dropped:
             stats["reasoning_turns_trained"] += 1
+        return example
 
     def _keeps_reasoning(self) -> bool:
         profile = self.profile
         return bool(profile["native_reasoning"] or profile["opener"] or self.reasoning_format == "inline")
 
-    def _own(self, messages: list[dict], i: int, prompt: str, live: str, render, stats: Counter) -> Example:
-        """Turn i rendered as the live turn: its own example, prompt + what the model generates."""
+    def _own(self, messages: list[dict], i: int, prompt: str, live: str, render,
+             stats: Counter) -> tuple[str, tuple[int, int], bool]:
+        """Turn i rendered as the live turn: (prompt + what the model generates, the trained span,
+        whether data.reasoning_format=drop took its reasoning out)."""
         message = messages[i]
         text, dropped = live, False
         if not live.startswith(prompt):
@@ -436,7 +428,7 @@ class ChatRenderer:
                 raise RowError("template_mismatch", f"turn {i}: the inference prompt continues with "
                                f"{prompt[at:at + 24]!r} but the rendered turn with {live[at:at + 24]!r}")
         end, text = self._close_last(text, len(prompt), bool(message.get("tool_calls")))
-        return Example(text, [(len(prompt), end)], [i], own=True, reasoning_dropped=dropped)
+        return text, (len(prompt), end), dropped
 
     def _close_within(self, text: str, start: int, boundary: int) -> int | None:
         """End of a turn that the conversation goes on after: its own special token at `boundary`

@@ -95,7 +95,7 @@ class Renderer:
                 tokenizer.chat_template, dict(tokenizer.special_tokens_map), sorted(special_tokens(tokenizer)),
                 markers, loss_on="assistant" if loss_on == "completion" else loss_on,
                 reasoning_turns=reasoning_turns, reasoning_format=reasoning_format,
-                template_kwargs=template_kwargs, eos_token=tokenizer.eos_token)
+                template_kwargs=template_kwargs)
 
     def render(self, messages: list[dict], add_generation_prompt: bool, tools=None, kwargs=None) -> str:
         if self.chat is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -196,7 +197,7 @@ def check_row(tok, r, name: str, row: dict, template: str = "") -> dict:
             turn = next(i for i, m in enumerate(messages) if m["role"] == "assistant" and any(
                 p in trained for p in data_pieces({"messages": [m]})))
             tools = example.get("tools")
-            inference = hf_render(tok, r.chat.for_template(messages[:turn], __import__("collections").Counter()),
+            inference = hf_render(tok, r.chat.for_template(messages[:turn], Counter()),
                                   tools, add_generation_prompt=True)
             assert inference is not None and prompt == inference, f"{name}: turn {turn} prompt differs from inference"
     everything = "\n".join(trained_texts)
@@ -311,7 +312,7 @@ def test_generation_blocks_equal_hf_assistant_masks(base_tokenizer, path):
         tools = row.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
         messages = r.chat.for_template(normalize(json.dumps(row), "auto", {})["messages"],
-                                       __import__("collections").Counter())
+                                       Counter())
         try:
             hf = tok.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
                                          return_assistant_tokens_mask=True)
