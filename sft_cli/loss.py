@@ -39,5 +39,17 @@ def chunked_ce_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Mo
     return total, int(wanted.numel())
 
 
+def linear_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk: int = 2048,
+                  softcap: float | None = None) -> torch.Tensor:
+    """Sum of CE of head(hidden) against targets, chunk rows at a time. hidden: (N, H), targets: (N,)."""
+    total = hidden.sum().float() * 0.0  # attached to the graph even when N == 0 (DDP waits for every grad)
+    for lo in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[lo:lo + chunk]).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        total = total + F.cross_entropy(logits, targets[lo:lo + chunk], reduction="sum")
+    return total
+
+
 def count_targets(labels: torch.Tensor) -> int:
     return int((shifted_targets(labels) != IGNORE_INDEX).sum())

@@ -2,7 +2,7 @@
 packed examples apart, and wrap it with LoRA (peft) or leave it whole.
 
     model, info = load_model(cfg, tokenizer)        # info: dtype, attn backend, trainable params
-    loss_sum = CausalLMLoss(model)(batch["input_ids"], batch["position_ids"], batch["labels"])
+    loss_sum = CausalLMLoss(model)(**model_inputs(batch), target_index=..., targets=...)
 """
 
 from __future__ import annotations
@@ -64,13 +64,15 @@ class CausalLMLoss(torch.nn.Module):
         self.model = model
         self.softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids, position_ids, labels):
-        from sft_cli.loss import chunked_ce_sum
+    def forward(self, input_ids, position_ids, target_index, targets, **varlen):
+        from sft_cli.loss import linear_ce_sum
 
         # use_cache=False: with a KV cache transformers would not build the packed (block) mask.
-        hidden = decoder(self.model)(input_ids=input_ids, position_ids=position_ids,
-                                     use_cache=False).last_hidden_state
-        return chunked_ce_sum(hidden, labels, lm_head(self.model), softcap=self.softcap)[0]
+        hidden = decoder(self.model)(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                     **varlen).last_hidden_state
+        # index_select with indices from the collator: no boolean mask, so no host-device sync.
+        picked = hidden.flatten(0, 1).index_select(0, target_index)
+        return linear_ce_sum(picked, targets, lm_head(self.model), softcap=self.softcap)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

@@ -34,7 +34,7 @@ from sft_cli.checkpoint import (
     save_final,
 )
 from sft_cli.config import PARALLEL_STRATEGIES, RESUME_MODES, SFTConfig, to_yaml
-from sft_cli.data.collate import VARLEN_BACKENDS, Collator
+from sft_cli.data.collate import VARLEN_BACKENDS, Collator, model_inputs
 from sft_cli.data.pack import ensure_packed
 from sft_cli.data.prepare import load_prepared_tokenizer
 from sft_cli.data.sampler import StepPlan
@@ -50,7 +50,6 @@ from sft_cli.distributed import (
     wrap,
 )
 from sft_cli.errors import ConfigError, SFTError
-from sft_cli.loss import count_targets
 from sft_cli.metrics import MetricsLog
 from sft_cli.model import CausalLMLoss, decoder_layers, load_model, pick_dtype
 from sft_cli.neftune import neftune
@@ -115,7 +114,7 @@ class Stop:
 
 def forward_loss(engine, batch: dict) -> torch.Tensor:
     """Summed CE of one micro-batch through `engine` (CausalLMLoss, maybe DDP/FSDP-wrapped)."""
-    return engine(batch["input_ids"], batch["position_ids"], batch["labels"])
+    return engine(**model_inputs(batch), target_index=batch["target_index"], targets=batch["targets"])
 
 
 def row_lengths(rows: datasets.Dataset) -> list[int]:
@@ -136,7 +135,7 @@ def accumulate_gradients(engine, batches: list[dict], set_lengths=lambda *a: Non
     never a mean of per-micro-batch means (which overweights short micro-batches).
     """
     w = world()
-    step_targets = all_reduce_sum(sum(count_targets(b["labels"]) for b in batches))
+    step_targets = all_reduce_sum(sum(b["num_targets"] for b in batches))
     loss_sum = 0.0
     for i, batch in enumerate(batches):
         set_lengths(batch["seq_lens"], batch["input_ids"].shape)
@@ -187,7 +186,7 @@ def evaluate_loss(engine, rows: datasets.Dataset, collate: Collator, micro_batch
         batch = to_device(collate(rows.select(ids)), device())
         loss_sum = forward_loss(engine, batch)
         if i < len(batches):
-            total, count = total + loss_sum.item(), count + count_targets(batch["labels"])
+            total, count = total + loss_sum.item(), count + batch["num_targets"]
     total, count = all_reduce_sum(total), all_reduce_sum(count)
     engine.train(was_training)
     loss = total / max(count, 1)

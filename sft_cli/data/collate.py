@@ -10,10 +10,18 @@ Two layouts, chosen by what the attention backend can do:
         position_ids restart per example and the kernel reads sequence boundaries from them.
 
 No `attention_mask` is passed in either: with position_ids alone, transformers builds the
-block-diagonal causal mask (masking_utils.find_packed_sequence_indices) or varlen boundaries.
+block-diagonal causal mask (masking_utils.find_packed_sequence_indices). The flat layout also
+carries the varlen kernels' own boundaries (`cu_seq_lens_q/k`, `max_length_q/k`), computed here on
+the CPU: without them transformers derives them from position_ids on the GPU in every layer, a
+host-device sync each time.
+
+Everything the loss needs is computed here too, on the CPU, so the training loop never asks the
+GPU how many tokens it trains on: `target_index` (flat positions in B x T whose next token is
+trained) and `targets` (those next tokens). `num_targets` is their count as a Python int.
 
     collate = Collator(pad_id=0)
-    batch = collate([row_a, row_b])   # {"input_ids", "labels", "position_ids", "seq_lens"}
+    batch = collate([row_a, row_b])   # input_ids, labels, position_ids, target_index, targets, seq_lens
+    model_inputs(batch)               # the keyword arguments of the decoder's forward
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import torch
 from sft_cli.data.packing import IGNORE_INDEX
 
 VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3")
+# Keys of a batch that the decoder's forward takes (the varlen ones only in the flat layout).
+MODEL_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 @dataclass
@@ -35,10 +45,15 @@ class Collator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor | list]:
         if self.flat:
-            cat = {key: [v for row in rows for v in row[key]] for key in ("input_ids", "labels", "position_ids")}
-            batch = {key: torch.tensor([values], dtype=torch.long) for key, values in cat.items()}
-            batch["seq_lens"] = [[n for row in rows for n in row["seq_lens"]]]
-            return batch
+            cat = {key: np.concatenate([np.asarray(row[key], dtype=np.int64) for row in rows])[None]
+                   for key in ("input_ids", "labels", "position_ids")}
+            seq_lens = [int(n) for row in rows for n in row["seq_lens"]]
+            cu = np.concatenate([[0], np.cumsum(seq_lens)]).astype(np.int32)
+            longest = max(seq_lens)
+            batch = {key: torch.from_numpy(values) for key, values in cat.items()}
+            batch |= {"cu_seq_lens_q": torch.from_numpy(cu), "cu_seq_lens_k": torch.from_numpy(cu.copy()),
+                      "max_length_q": longest, "max_length_k": longest, "seq_lens": [seq_lens]}
+            return batch | _targets(cat["labels"])
         longest = max(len(row["input_ids"]) for row in rows)
         input_ids = np.full((len(rows), longest), self.pad_id, dtype=np.int64)
         labels = np.full((len(rows), longest), IGNORE_INDEX, dtype=np.int64)
@@ -52,7 +67,27 @@ class Collator:
             positions[i, n:] = np.arange(longest - n)  # the padding is its own block
             seq_lens.append(list(row["seq_lens"]))
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                "position_ids": torch.from_numpy(positions), "seq_lens": seq_lens}
+                "position_ids": torch.from_numpy(positions), "seq_lens": seq_lens} | _targets(labels)
+
+
+def _targets(labels: np.ndarray) -> dict:
+    """The next-token targets that are trained: position t predicts labels[t + 1]."""
+    shifted = np.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    flat = shifted.reshape(-1)
+    index = np.flatnonzero(flat != IGNORE_INDEX)
+    return {"target_index": torch.from_numpy(index), "targets": torch.from_numpy(flat[index]),
+            "num_targets": int(index.size)}
+
+
+def model_inputs(batch: dict) -> dict:
+    """The decoder's keyword arguments from a collated batch."""
+    return {key: batch[key] for key in MODEL_KEYS if key in batch}
+
+
+def pin(batch: dict) -> dict:
+    """Page-locked copies of a batch's tensors, so the copy to the GPU can overlap compute."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def length_grouped_batches(lengths, batch_size: int, seed: int, mega: int = 64) -> list[list[int]]:
