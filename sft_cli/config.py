@@ -227,6 +227,10 @@ class TrainerConfig:
     """host:port of the c10d rendezvous; null = a free port on 127.0.0.1 (single node only)."""
     parallel: str = "auto"
     """ddp | fsdp (FSDP2 fully_shard) | auto (fsdp for full fine-tuning of >= 1B params, else ddp)."""
+    compile: bool = False
+    """torch.compile each decoder layer (faster steps on GPUs after a one-off compile)."""
+    dist_timeout_s: int = 1800
+    """Seconds a collective may wait for the slowest rank (checkpoint hashing, evaluation) before failing."""
 
 
 @dataclass
@@ -498,6 +502,7 @@ def _validate_trainer(trainer: TrainerConfig) -> None:
     _int_at_least("trainer.node_rank", trainer.node_rank, 0, high=trainer.nnodes - 1,
                   fix="give each node a distinct rank from 0 to trainer.nnodes - 1")
     _validate_endpoint(trainer.rdzv_endpoint)
+    _int_at_least("trainer.dist_timeout_s", trainer.dist_timeout_s, 1, fix="seconds, e.g. 1800")
     _choice("trainer.parallel", trainer.parallel, PARALLEL_STRATEGIES)
 
 

@@ -219,7 +219,11 @@ def print_train_start(info: dict, plan, total_steps: int, cfg, packed: dict) -> 
     table.add_row("model", f"{cfg.model.name_or_path}  ({info['dtype']}, attention {info['attn_implementation']})")
     table.add_row("parameters", f"{info['trainable_params']:,} trainable of {info['total_params']:,} "
                   f"({100 * info['trainable_params'] / max(info['total_params'], 1):.2f}%, peft {cfg.peft.method})")
-    table.add_row("processes", f"{plan.world_size} (parallel: {info.get('parallel', 'none')})")
+    table.add_row("precision", f"compute {info['dtype']}; trained weights + AdamW {info['trainable_dtype']}"
+                  + (f"; frozen {info['frozen_dtype']}" if info.get("frozen_dtype") else "")
+                  + ("; float16 loss scaling" if info["dtype"] == "float16" else ""))
+    table.add_row("processes", f"{plan.world_size} (parallel: {info.get('parallel', 'none')})"
+                  + ("; weights read by rank 0, sent into each rank's shards" if info.get("parallel") == "fsdp" else ""))
     table.add_row("global batch", f"{rows_per_step} rows/step = {plan.micro_batch_size} micro x {plan.grad_accum} "
                   f"accum x {plan.world_size} proc; ~{rows_per_step * per_row('examples'):,.0f} examples, "
                   f"~{rows_per_step * per_row('real_tokens'):,.0f} tokens "
@@ -305,6 +309,7 @@ def print_eval_report(report: dict, generations: list[dict], folder: Path) -> No
         table.add_row(f"loss ({escape(source)})", *[f"{m['by_source'].get(source, {}).get('loss', float('nan')):.4f}"
                                             for m in models.values()])
     out.print(table)
+    out.print(f"evaluated on {report['device']} in {report['dtype']}")
     for row in [g for g in generations if g["mode"] == "greedy"][:4]:
         prompt = " ".join(row["prompt"].split())[-100:]
         out.print(f"[bold]{row['model']}[/] [dim]{escape(prompt)}[/]\n  -> "

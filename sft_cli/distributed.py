@@ -47,14 +47,19 @@ def device() -> torch.device:
 
 
 @contextlib.contextmanager
-def process_group():
-    """Join the job torchrun started (if any) for the duration of the block."""
+def process_group(timeout_s: int = 1800):
+    """Join the job torchrun started (if any) for the duration of the block. `timeout_s` bounds how
+    long a collective waits for the slowest rank (NCCL's default, 10 minutes, is shorter than
+    hashing or loading a large checkpoint)."""
     joined = launched_by_torchrun() and not dist.is_initialized()
     if joined:
+        from datetime import timedelta
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(device())
-        dist.init_process_group(backend, device_id=device() if backend == "nccl" else None)
+        dist.init_process_group(backend, device_id=device() if backend == "nccl" else None,
+                                timeout=timedelta(seconds=timeout_s))
     try:
         yield world()
     finally:
@@ -70,7 +75,7 @@ def barrier() -> None:
 def all_reduce_sum(value: float | int) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return tensor.item()
 
@@ -78,7 +83,7 @@ def all_reduce_sum(value: float | int) -> float:
 def all_reduce_max(value: float | int) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.item()
 
@@ -88,7 +93,7 @@ def any_rank(flag: bool) -> bool:
     return all_reduce_sum(1.0 if flag else 0.0) > 0
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
     return device() if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
@@ -119,10 +124,35 @@ def is_fsdp(module) -> bool:
 
 
 def no_sync(engine, last: bool):
-    """Skip DDP's gradient all-reduce on every micro-batch but the step's last (same result, less traffic)."""
+    """Reduce gradients across ranks only on a step's last micro-batch (same result, 1/grad_accum
+    of the traffic): DDP's no_sync() context; FSDP2 has no such context but a switch."""
+    if is_fsdp(engine):
+        engine.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
     if last or not hasattr(engine, "no_sync"):
         return contextlib.nullcontext()
     return engine.no_sync()
+
+
+def load_sharded(engine: torch.nn.Module, source: torch.nn.Module | None) -> None:
+    """Give an FSDP2 module built on the meta device its weights, shard by shard.
+
+    Every rank allocates only its own shards (to_empty); rank 0, the only one that read the
+    checkpoint (`source`: its CPU copy in the compute dtype; None elsewhere), broadcasts one tensor
+    at a time and each rank keeps its slice, cast to its shard's dtype (float32 masters). Buffers
+    outside the state dict (rotary inv_freq, computed in __init__, garbage after to_empty) are
+    rank 0's too. `engine` wraps the model as `.model` (model.CausalLMLoss).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    engine.to_empty(device=device())
+    full = {f"model.{name}": tensor for name, tensor in source.state_dict().items()} if source is not None else {}
+    set_model_state_dict(engine, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    buffers = [{name: b for name, b in source.named_buffers()} if source is not None else None]
+    dist.broadcast_object_list(buffers, src=0, device=collective_device())
+    with torch.no_grad():
+        for name, buffer in engine.model.named_buffers():
+            buffer.copy_(buffers[0][name])
 
 
 def full_value(tensor: torch.Tensor) -> torch.Tensor:

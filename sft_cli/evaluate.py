@@ -10,15 +10,19 @@ What it measures, with the run's own template, masking and packing (read from ru
   forgetting                           perplexity on general text, base vs tuned
   diversity                            distinct-1 / distinct-2 and mean length of sampled replies, base vs tuned
 
+Both models run on the run's device (cuda:LOCAL_RANK, else CPU) in the run's compute dtype
+(model.dtype), and are scored in training's batch layout for the run's attention backend; report.json
+says which device and dtype it used.
+
 Writes run_dir/eval/: report.json, generations.jsonl, comparison.png (atomically, manifest last).
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -27,13 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from sft_cli import console as ui
+from sft_cli import distributed
 from sft_cli.artifacts import atomic_dir, is_complete, write_json_atomic, write_manifest
 from sft_cli.config import Format, SFTConfig, run_config
-from sft_cli.data.collate import Collator
+from sft_cli.data.collate import VARLEN_BACKENDS, Collator, model_inputs
 from sft_cli.data.packing import IGNORE_INDEX, position_ids
 from sft_cli.errors import ConfigError, SFTError, load_error
-from sft_cli.loss import shifted_targets
-from sft_cli.model import decoder, lm_head, pick_attention, pick_dtype
+from sft_cli.model import decoder, lm_head, pick_attention, pick_dtype, unwrap
 
 
 def run(cfg: SFTConfig) -> int:
@@ -54,7 +58,9 @@ def run(cfg: SFTConfig) -> int:
     general = general_text_ids(cfg, tokenizer)
     stop_ids = stop_token_ids(run_dir, tokenizer)
 
-    report = {"target": str(target), "base": cfg.model.name_or_path, "models": {}}
+    where = distributed.device()
+    report = {"target": str(target), "base": cfg.model.name_or_path, "device": str(where),
+              "dtype": str(pick_dtype(cfg.model.dtype)).removeprefix("torch."), "models": {}}
     generations = []
     models = [("tuned", target)] + ([("base", None)] if cfg.eval.compare_base else [])
     for name, path in models:
@@ -67,7 +73,10 @@ def run(cfg: SFTConfig) -> int:
         result["generation"] = reply_stats(replies)
         generations += [{"model": name, **r} for r in replies]
         report["models"][name] = result
-        del model
+        del model  # free it before the next model loads onto the same device
+        if where.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
     report["harness"] = run_harness(cfg, target)
     report["comparison"] = compare(report["models"])
 
@@ -177,17 +186,22 @@ def stop_token_ids(run_dir: Path, tokenizer) -> list[int]:
 # -- model ---------------------------------------------------------------------------------------
 
 def load_for_eval(cfg: SFTConfig, tokenizer, path: Path | None):
-    """The base (path None), a full model folder, or an adapter folder on top of the base."""
+    """The base (path None), a full model folder, or an adapter folder on top of the base, on the
+    run's device in its compute dtype (no training here, so no float32 master weights). An adapter's
+    own weights stay float32 as peft keeps them in training, so the tuned model computes as it did there."""
     from transformers import AutoModelForCausalLM
 
     from sft_cli.assets import resolve_model
 
-    kwargs = {"dtype": pick_dtype(cfg.model.dtype), "attn_implementation": pick_attention(
-        cfg.model.attn_implementation, training=False), "trust_remote_code": cfg.model.trust_remote_code}
+    dtype = pick_dtype(cfg.model.dtype)
+    kwargs = {"dtype": dtype, "attn_implementation": pick_attention(cfg.model.attn_implementation, training=False,
+                                                                     dtype=dtype),
+              "trust_remote_code": cfg.model.trust_remote_code}
     is_adapter = path is not None and (Path(path) / "adapter_config.json").is_file()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolve_model(cfg.model.name_or_path) if path is None or is_adapter else str(path), **kwargs)
+        model.to(distributed.device())
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
         if is_adapter:
@@ -202,36 +216,30 @@ def load_for_eval(cfg: SFTConfig, tokenizer, path: Path | None):
 
 # -- loss ----------------------------------------------------------------------------------------
 
-@dataclass
-class Totals:
-    loss: float = 0.0
-    correct: int = 0
-    tokens: int = 0
-    by_source: dict = field(default_factory=dict)
-
-    def add(self, source: str, loss: float, correct: int, tokens: int) -> None:
-        self.loss, self.correct, self.tokens = self.loss + loss, self.correct + correct, self.tokens + tokens
-        s = self.by_source.setdefault(source, [0.0, 0, 0])
-        s[0], s[1], s[2] = s[0] + loss, s[1] + correct, s[2] + tokens
-
-
 def _summary(loss: float, correct: int, tokens: int) -> dict:
     mean = loss / max(tokens, 1)
     return {"loss": mean, "ppl": math.exp(min(mean, 50)), "token_accuracy": correct / max(tokens, 1), "tokens": tokens}
 
 
 @torch.no_grad()
-def split_metrics(model, examples, micro_batch_size: int, packed: bool = True, max_seq_len: int | None = None) -> dict:
+def split_metrics(model, examples, micro_batch_size: int, packed: bool = True, max_seq_len: int | None = None,
+                  flat: bool | None = None, chunk: int = 2048) -> dict:
     """Masked loss, perplexity and token accuracy over examples, overall and per source.
 
     packed=True packs the examples (BFD) into rows like training does; packed=False scores each
-    example alone. Both give the same numbers (the packed rows keep examples apart)."""
+    example alone. Both give the same numbers (the packed rows keep examples apart). `flat` is
+    training's layout (data/collate.py): one (1, T) stream with varlen boundaries, or padded (B, L)
+    rows; None takes it from the model's attention backend, as training does. The LM head runs on
+    trained positions only, `chunk` at a time: never the full (B, T, vocab) logits.
+    """
     from sft_cli.data.packing import bfd_bins, mask_example_starts
 
     rows = [dict(r) for r in examples] if not isinstance(examples, list) else examples
     lengths = [len(r["input_ids"]) for r in rows]
     if not rows:
         return _summary(0.0, 0, 0) | {"by_source": {}}
+    names = sorted({r.get("source", "all") for r in rows})
+    code = {name: i for i, name in enumerate(names)}
     capacity = max_seq_len or max(max(lengths), 1)
     bins = bfd_bins(lengths, capacity) if packed else [[i] for i in range(len(rows))]
     packed_rows = []
@@ -242,30 +250,53 @@ def split_metrics(model, examples, micro_batch_size: int, packed: bool = True, m
             "labels": mask_example_starts(np.concatenate([np.asarray(rows[i]["labels"]) for i in members]),
                                           seq_lens).tolist(),
             "position_ids": position_ids(seq_lens).tolist(), "seq_lens": seq_lens,
-            "sources": [rows[i].get("source", "all") for i in members]})
-    collate = Collator(pad_id=0)
-    totals = Totals()
-    head = lm_head(model)
-    device = next(model.parameters()).device
+            "sources": [code[rows[i].get("source", "all")] for i in members]})
+    if flat is None:
+        flat = getattr(unwrap(model).config, "_attn_implementation", None) in VARLEN_BACKENDS
+    # A varlen kernel reads a padded (B, L) batch as one long sequence: packed examples (and the
+    # padding) would attend to each other. So the same layout as training for the same backend.
+    collate = Collator(pad_id=0, flat=flat)
+    head, softcap = lm_head(model), getattr(unwrap(model).config, "final_logit_softcapping", None)
+    where = next(model.parameters()).device
+    loss_sum, correct, tokens = np.zeros(len(names)), np.zeros(len(names), np.int64), np.zeros(len(names), np.int64)
     for lo in range(0, len(packed_rows), micro_batch_size):
-        chunk = packed_rows[lo:lo + micro_batch_size]
-        batch = collate(chunk)
-        hidden = decoder(model)(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                                use_cache=False).last_hidden_state
-        targets = shifted_targets(batch["labels"]).to(device)
-        for r, row in enumerate(chunk):
-            offset = 0
-            for n, source in zip(row["seq_lens"], row["sources"]):
-                span_targets = targets[r, offset:offset + n]
-                keep = span_targets != IGNORE_INDEX
-                if keep.any():
-                    logits = head(hidden[r, offset:offset + n][keep]).float()
-                    loss = F.cross_entropy(logits, span_targets[keep], reduction="sum").item()
-                    correct = int((logits.argmax(-1) == span_targets[keep]).sum())
-                    totals.add(source, loss, correct, int(keep.sum()))
-                offset += n
-    return _summary(totals.loss, totals.correct, totals.tokens) | {
-        "by_source": {name: _summary(*values) for name, values in sorted(totals.by_source.items())}}
+        group = packed_rows[lo:lo + micro_batch_size]
+        batch = collate(group)
+        if batch["num_targets"] == 0:
+            continue
+        # The source of each trained position, from the CPU-side layout: (N,) codes.
+        owner = _position_sources(batch, [s for row in group for s in row["sources"]])
+        source_of = owner[batch["target_index"].numpy()]
+        inputs = {k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in model_inputs(batch).items()}
+        hidden = decoder(model)(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        picked = hidden.flatten(0, 1).index_select(0, batch["target_index"].to(where))  # (N, H)
+        targets = batch["targets"].to(where)
+        losses, hits = [], []
+        for a in range(0, picked.shape[0], chunk):
+            logits = head(picked[a:a + chunk]).float()  # (chunk, vocab), float32 as in training's loss
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
+            losses.append(F.cross_entropy(logits, targets[a:a + chunk], reduction="none"))
+            hits.append(logits.argmax(-1) == targets[a:a + chunk])
+        # One copy to the CPU per batch; per-source sums there, in float64.
+        loss_sum += np.bincount(source_of, torch.cat(losses).double().cpu().numpy(), minlength=len(names))
+        correct += np.bincount(source_of, torch.cat(hits).cpu().numpy(), minlength=len(names)).astype(np.int64)
+        tokens += np.bincount(source_of, minlength=len(names))
+    seen = [i for i in range(len(names)) if tokens[i]]  # a source with no trained token has no numbers
+    return _summary(float(loss_sum.sum()), int(correct.sum()), int(tokens.sum())) | {
+        "by_source": {names[i]: _summary(float(loss_sum[i]), int(correct[i]), int(tokens[i])) for i in seen}}
+
+
+def _position_sources(batch: dict, codes: list[int]) -> np.ndarray:
+    """Source code of every flat position of a collated batch (B x T), -1 on padding. `codes` has one
+    entry per example, in the batch's order (row by row; the flat layout is one row)."""
+    width = batch["input_ids"].shape[1]
+    owner = np.full(batch["input_ids"].numel(), -1, dtype=np.int64)
+    k = 0
+    for r, lens in enumerate(batch["seq_lens"]):
+        owner[r * width:r * width + sum(lens)] = np.repeat(codes[k:k + len(lens)], lens)
+        k += len(lens)
+    return owner
 
 
 # -- generation ----------------------------------------------------------------------------------

@@ -11,27 +11,19 @@ import torch
 
 from sft_cli.config import SFTConfig
 from sft_cli.errors import ConfigError, load_error
+from sft_cli.precision import DTYPES, pick_dtype  # noqa: F401  (model.dtype's choices live with the dtype rules)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Backends that isolate packed examples given restarting position_ids (see data/collate.py).
 ISOLATING = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"}
 
 
-def pick_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # CPUs: bf16 matmuls are slow or emulated on most, and fp32 is exact
-    if name not in DTYPES:
-        raise ConfigError("model.dtype", f"unknown dtype '{name}'", "use float32, bfloat16, float16 or auto")
-    return DTYPES[name]
-
-
-def pick_attention(name: str, training: bool = True) -> str:
-    """`auto`: flash varlen on GPU when installed, else SDPA (both isolate packed examples)."""
+def pick_attention(name: str, training: bool = True, dtype: torch.dtype | None = None) -> str:
+    """`auto`: flash varlen on a GPU computing in bf16/fp16 when flash_attn is installed, else SDPA
+    (both isolate packed examples). Flash kernels have no float32 path, so a float32 model on a GPU
+    (tiny and debugging configs) gets SDPA."""
     on_gpu = torch.cuda.is_available()
     if name == "auto":
-        if on_gpu:
+        if on_gpu and dtype in (torch.bfloat16, torch.float16):
             try:
                 import flash_attn  # noqa: F401
 
@@ -47,6 +39,9 @@ def pick_attention(name: str, training: bool = True) -> str:
                           "use sdpa (or eager) on CPU")
     if name.startswith("flash_attention") and not on_gpu:
         raise ConfigError("model.attn_implementation", f"{name} needs a CUDA GPU", "use sdpa on CPU")
+    if name.startswith("flash_attention") and dtype == torch.float32:
+        raise ConfigError("model.attn_implementation", f"{name} has no float32 kernels",
+                          "use model.dtype=bfloat16, or attn_implementation=sdpa")
     return name
 
 
@@ -99,25 +94,43 @@ def unwrap(model):
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
-def load_model(cfg: SFTConfig, tokenizer, path: str):
-    from transformers import AutoModelForCausalLM
+def load_model(cfg: SFTConfig, tokenizer, path: str, *, empty: bool = False, masters: bool = True):
+    """The model to train, on the CPU, each weight stored as precision.py assigns: float32
+    masters for what trains, the compute dtype (`model.dtype`) for a frozen LoRA base.
+
+    empty=True builds the same model on the meta device without reading a weight: FSDP2 ranks
+    shard that, then receive the weights from rank 0 (distributed.shard_and_load).
+    masters=False keeps every weight in the compute dtype: rank 0's copy that FSDP2 ranks receive
+    their shards from, so no process ever holds the whole model in float32.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from sft_cli.assets import resolve_model
+    from sft_cli.precision import upcast_trainable
 
-    dtype = pick_dtype(cfg.model.dtype)
-    attn = pick_attention(cfg.model.attn_implementation)
+    compute = pick_dtype(cfg.model.dtype)
+    attn = pick_attention(cfg.model.attn_implementation, dtype=compute)
+    full_finetune = cfg.peft.method == "none"
+    dtype = torch.float32 if full_finetune and masters else compute
+    options = {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model(path), dtype=dtype, attn_implementation=attn,
-            trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+        if empty:
+            config = AutoConfig.from_pretrained(resolve_model(path), **options)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
+                                                         trust_remote_code=cfg.model.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype=dtype,
+                                                         attn_implementation=attn, **options)
     except (OSError, ValueError) as exc:
         raise load_error(f"model '{path}'", exc, "Offline? Set model.name_or_path to a local folder.") from None
     model.config.use_cache = False  # a KV cache would switch off packed-sequence masking
     added_tokens = len(tokenizer) > model.get_input_embeddings().weight.shape[0]
     if added_tokens:
         # New rows start at the mean of the old ones: a new token begins as "an average token"
-        # instead of noise that would spike the first losses.
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        # instead of noise that would spike the first losses. (On meta there is nothing to average:
+        # those rows arrive from rank 0.)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         value = getattr(tokenizer, key)
         if value is not None:
@@ -127,10 +140,16 @@ def load_model(cfg: SFTConfig, tokenizer, path: str):
         if cfg.peft.method != "none":
             model.enable_input_require_grads()
     model = apply_peft(cfg, model, added_tokens)
+    if masters:
+        upcast_trainable(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return model, {"dtype": str(dtype).removeprefix("torch."), "attn_implementation": attn,
-                   "trainable_params": trainable, "total_params": total, "added_tokens": added_tokens}
+    stored = lambda trained: "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()  # noqa: E731
+                                               if p.requires_grad == trained}))
+    return model, {"dtype": str(compute).removeprefix("torch."), "trainable_dtype": stored(True),
+                   "frozen_dtype": stored(False),
+                   "attn_implementation": attn, "trainable_params": trainable, "total_params": total,
+                   "added_tokens": added_tokens}
 
 
 def _embedding_module_names(model) -> list[str]:

@@ -2,12 +2,17 @@
 NEFTune, exact resume. Runs prepare and pack first when their outputs are missing.
 
 One optimizer step, top to bottom (see `train`):
-  1. the step's rows come from StepPlan (pure function of seed, epoch, step: resume needs no state);
-  2. count the step's trained tokens N over every micro-batch (and every rank);
+  1. the step's rows come from StepPlan (pure function of seed, epoch, step: resume needs no state),
+     already collated and page-locked by a background thread while the previous step ran;
+  2. seed dropout/NEFTune noise from (seed, step, rank); count the step's trained tokens N over
+     every micro-batch of every rank, on the CPU from per-row counts (no collective);
   3. each micro-batch adds sum(CE) / N to the gradient, so the step's gradient is the mean over
-     all its tokens, however the step is split into micro-batches or processes;
-  4. clip, check finiteness (skip the step if not), optimizer and schedule step;
-  5. log, evaluate and checkpoint on their intervals; SIGTERM/SIGINT checkpoint, then exit.
+     all its tokens, however the step is split into micro-batches or processes; compute in
+     model.dtype under autocast, float32 master weights (precision.py);
+  4. clip; one device-to-host read per step (loss, grad norm, stop votes); skip the step if they
+     are not finite; optimizer and schedule step;
+  5. log (with MFU and peak memory), evaluate and checkpoint on their intervals; SIGTERM/SIGINT
+     checkpoint, then exit.
 
     sft train recipe=demo trainer.max_steps=20
 """
@@ -22,6 +27,7 @@ import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 
 from sft_cli import console as ui
@@ -34,16 +40,17 @@ from sft_cli.checkpoint import (
     save_final,
 )
 from sft_cli.config import PARALLEL_STRATEGIES, RESUME_MODES, SFTConfig, to_yaml
-from sft_cli.data.collate import VARLEN_BACKENDS, Collator, model_inputs
+from sft_cli.data.collate import VARLEN_BACKENDS, Collator, model_inputs, pin
 from sft_cli.data.pack import ensure_packed
 from sft_cli.data.prepare import load_prepared_tokenizer
-from sft_cli.data.sampler import StepPlan
+from sft_cli.data.sampler import RowCounts, StepPlan
 from sft_cli.distributed import (
     all_reduce_max,
     all_reduce_sum,
-    any_rank,
+    collective_device,
     device,
     full_value,
+    load_sharded,
     no_sync,
     process_group,
     world,
@@ -51,16 +58,19 @@ from sft_cli.distributed import (
 )
 from sft_cli.errors import ConfigError, SFTError
 from sft_cli.metrics import MetricsLog
-from sft_cli.model import CausalLMLoss, decoder_layers, load_model, pick_dtype
+from sft_cli.model import CausalLMLoss, decoder_layers, load_model, unwrap
 from sft_cli.neftune import neftune
 from sft_cli.plot import loss_curve_png
+from sft_cli.precision import Precision
 from sft_cli.provenance import write_provenance
 from sft_cli.schedule import build_optimizer, build_scheduler
+from sft_cli.throughput import model_flops, peak_flops, peak_memory_mb
 
-# Keys whose change makes a checkpoint meaningless for this run (resume refuses).
+# Keys whose change makes a checkpoint meaningless for this run (resume refuses). Not grad_accum or
+# the process count alone: the step is defined by their product (run_identity), so a run saved by
+# 1 process x grad_accum 8 resumes on 2 processes x grad_accum 4 (StepPlan gives them the same rows).
 RUN_DEFINING = ("seed", "max_seq_len", "model", "data", "pack", "peft", "optim", "trainer.micro_batch_size",
-                "trainer.grad_accum", "trainer.max_steps", "trainer.epochs", "trainer.neftune_alpha",
-                "trainer.gradient_checkpointing")
+                "trainer.max_steps", "trainer.epochs", "trainer.neftune_alpha", "trainer.gradient_checkpointing")
 
 
 def run(cfg: SFTConfig) -> int:
@@ -68,7 +78,7 @@ def run(cfg: SFTConfig) -> int:
 
     if launch.should_launch(cfg):
         return launch.launch(cfg)  # N workers through torchrun, each comes back here as a rank
-    with process_group() as w:
+    with process_group(cfg.trainer.dist_timeout_s) as w:
         if not w.is_main:
             ui.silence()
         with launch.run_lock(Path(cfg.run_dir)):
@@ -86,8 +96,9 @@ def parallel_strategy(cfg: SFTConfig, total_params: int) -> str:
     return strategy
 
 
-def run_identity(cfg: SFTConfig) -> dict:
-    """The values of RUN_DEFINING keys, flattened: stored in checkpoints, compared on resume."""
+def run_identity(cfg: SFTConfig, world_size: int = 1) -> dict:
+    """The values of RUN_DEFINING keys, flattened, and the micro-batches of one optimizer step:
+    stored in checkpoints, compared on resume."""
     from omegaconf import OmegaConf
 
     flat = {}
@@ -100,6 +111,7 @@ def run_identity(cfg: SFTConfig) -> dict:
             flat.update({f"{key}.{k}": json.dumps(v, sort_keys=True) for k, v in node.items()})
         else:
             flat[key] = json.dumps(node)
+    flat["micro_batches_per_step"] = json.dumps(cfg.trainer.grad_accum * world_size)
     return flat
 
 
@@ -127,24 +139,38 @@ def to_device(batch: dict, where: torch.device) -> dict:
     return {k: v.to(where, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def accumulate_gradients(engine, batches: list[dict], set_lengths=lambda *a: None) -> tuple[float, int]:
-    """Backward every micro-batch of one optimizer step; returns (step loss, trained tokens).
+def accumulate_gradients(engine, batches: list[dict], step_targets: int, precision: Precision | None = None,
+                         set_lengths=lambda *a: None) -> torch.Tensor:
+    """Backward every micro-batch of one optimizer step; returns this rank's summed CE, still on
+    the device (reading it would stall the GPU: the loop reads it once, after the step).
 
-    Each micro-batch contributes sum(CE) / N_step, N_step counted over the whole step on every
-    rank, so the gradient is the token mean of the step: identical for 8x1, 4x2 or 2 processes x 4,
-    never a mean of per-micro-batch means (which overweights short micro-batches).
+    Each micro-batch contributes sum(CE) / N_step, N_step the trained tokens of the whole step over
+    every rank (counted on the CPU before the step, RowCounts), so the gradient is the token mean of
+    the step: identical for 8x1, 4x2 or 2 processes x 4, never a mean of per-micro-batch means
+    (which overweights short micro-batches).
     """
-    w = world()
-    step_targets = all_reduce_sum(sum(b["num_targets"] for b in batches))
-    loss_sum = 0.0
+    precision = precision or Precision(torch.float32)
+    scale = world().world_size / max(step_targets, 1)  # x world_size: DDP/FSDP average over ranks; we want the sum
+    loss_sum = None
     for i, batch in enumerate(batches):
         set_lengths(batch["seq_lens"], batch["input_ids"].shape)
         with no_sync(engine, last=i == len(batches) - 1):
-            ce_sum = forward_loss(engine, batch)
-            # x world_size: DDP and FSDP average gradients over ranks; this turns the average into the sum.
-            (ce_sum * w.world_size / max(step_targets, 1)).backward()
-        loss_sum += ce_sum.item()
-    return all_reduce_sum(loss_sum) / max(step_targets, 1), int(step_targets)
+            with precision.autocast():
+                ce_sum = forward_loss(engine, batch)
+            precision.backward(ce_sum * scale)
+        loss_sum = ce_sum.detach() if loss_sum is None else loss_sum + ce_sum.detach()
+    return loss_sum
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch's CPU and CUDA generators for one optimizer step of one rank.
+
+    Dropout and NEFTune noise then differ across ranks (one seed everywhere would give every rank
+    the same noise) and are a function of (seed, step, rank), not of generator state carried over:
+    a resumed run draws exactly the noise the uninterrupted one drew, on any number of devices.
+    The data order does not depend on this (StepPlan seeds itself from the global seed).
+    """
+    torch.manual_seed(int(np.random.SeedSequence([seed, 7, step, rank]).generate_state(1)[0]))
 
 
 def _inject_fault(step: int, model) -> None:
@@ -168,29 +194,76 @@ def _inject_fault(step: int, model) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(engine, rows: datasets.Dataset, collate: Collator, micro_batch_size: int) -> dict:
-    """Token-mean loss over a whole split (same packing and masking as training).
+def evaluate_loss(engine, rows: datasets.Dataset, collate: Collator, micro_batch_size: int,
+                  precision: Precision | None = None) -> dict:
+    """Token-mean loss over a whole split (same packing, masking and precision as training).
 
     Every rank runs the same number of forwards (a rank short of rows repeats its last batch
     with its loss discarded): FSDP2's forward is collective, so an idle rank would hang the rest.
     """
+    precision = precision or Precision(torch.float32)
     was_training = engine.training
     engine.eval()
     w = world()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device()), 0
     indices = list(range(w.rank, len(rows), w.world_size))
     batches = [indices[lo:lo + micro_batch_size] for lo in range(0, len(indices), micro_batch_size)]
     rounds = int(all_reduce_max(len(batches)))
     for i in range(rounds):
         ids = batches[min(i, len(batches) - 1)] if batches else [0]
         batch = to_device(collate(rows.select(ids)), device())
-        loss_sum = forward_loss(engine, batch)
+        with precision.autocast():
+            loss_sum = forward_loss(engine, batch)
         if i < len(batches):
-            total, count = total + loss_sum.item(), count + batch["num_targets"]
-    total, count = all_reduce_sum(total), all_reduce_sum(count)
+            total, count = total + loss_sum.double(), count + batch["num_targets"]
+    total, count = all_reduce_sum(total.item()), all_reduce_sum(count)
     engine.train(was_training)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": int(count)}
+
+
+def step_values(loss_sum: torch.Tensor, grad_norm: torch.Tensor, stop: bool) -> tuple[float, float, float]:
+    """(loss summed over ranks, grad norm, ranks asking to stop) as Python numbers: one collective
+    and one device-to-host copy per step (DDP and FSDP2 grad norms are already global)."""
+    summed = torch.stack([loss_sum.double(), torch.tensor(float(stop), dtype=torch.float64, device=loss_sum.device)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        summed = summed.to(collective_device())
+        torch.distributed.all_reduce(summed)
+    loss, votes = summed.tolist()
+    return loss, grad_norm.item(), votes
+
+
+class Prefetcher:
+    """Collates step s + 1's micro-batches in a background thread while step s trains (collation
+    is NumPy and Arrow, which release the GIL; the GPU, or torch's own threads, keep computing)."""
+
+    def __init__(self, load, total_steps: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.load, self.total_steps = load, total_steps
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sft-collate")
+        self.pending: tuple[int, object] | None = None
+
+    def __call__(self, step: int) -> list[dict]:
+        ready = self.pending[1].result() if self.pending and self.pending[0] == step else self.load(step)
+        following = step + 1
+        self.pending = (following, self.pool.submit(self.load, following)) if following < self.total_steps else None
+        return ready
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _compile(model, cfg: SFTConfig) -> None:
+    """trainer.compile: torch.compile each decoder layer in place (after activation checkpointing,
+    before FSDP2, the order torch.compile and fully_shard expect). Layers share one compiled
+    graph; sequence lengths vary, so shapes are dynamic from the first recompile on."""
+    if cfg.trainer.compile:
+        for layer in decoder_layers(model):
+            layer.compile()
 
 
 def train(cfg: SFTConfig) -> int:
@@ -210,7 +283,7 @@ def train(cfg: SFTConfig) -> int:
         raise ConfigError("trainer.micro_batch_size", f"{len(rows)} packed rows cannot fill one step of "
                           f"{plan.micro_batches_per_step} micro-batches", "lower micro_batch_size or grad_accum")
     total_steps = plan.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
-    identity = run_identity(cfg)
+    identity = run_identity(cfg, w.world_size)
     fingerprints = {"run": fingerprint(identity), "identity": identity,
                     "packed": read_manifest(run_dir / "packed")["fingerprint"]}
     if _finished(run_dir, fingerprints, total_steps) and cfg.trainer.resume == "auto":
@@ -219,24 +292,43 @@ def train(cfg: SFTConfig) -> int:
         return 0
 
     # Model -> loss module -> DDP / FSDP2 (or nothing in one process) -> optimizer.
-    model, info = load_model(cfg, tokenizer, cfg.model.name_or_path)
+    where = device()
+    precision = Precision.of(cfg.model.dtype, where)
     joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+    # Under torchrun, the model's shape first (meta device: no weights read) decides ddp or fsdp.
+    model, info = load_model(cfg, tokenizer, cfg.model.name_or_path, empty=joined)
     info["parallel"] = parallel_strategy(cfg, info["total_params"]) if joined else "none"
     if info["parallel"] == "fsdp":
-        model.to(torch.float32)  # FSDP2 keeps float32 master weights, computes in model.dtype (its policy)
-    model.to(device())
+        if precision.scaler:
+            raise ConfigError("model.dtype", "float16 needs a gradient scaler, which sft does not run under FSDP2",
+                              "use model.dtype=bfloat16 (GPUs since Ampere) or trainer.parallel=ddp")
+        _compile(model, cfg)
+        engine = wrap(CausalLMLoss(model), "fsdp", decoder_layers(model), precision.compute)
+        torch.manual_seed(cfg.seed)  # rank 0's LoRA initialisation is the one every rank receives
+        source = load_model(cfg, tokenizer, cfg.model.name_or_path, masters=False)[0] if w.is_main else None
+        load_sharded(engine, source)
+        del source
+    else:
+        if joined:  # now the weights, on every rank (DDP replicas start equal: same seed, same files)
+            torch.manual_seed(cfg.seed)
+            model = load_model(cfg, tokenizer, cfg.model.name_or_path)[0]
+        model.to(where)
+        _compile(model, cfg)
+        engine = wrap(CausalLMLoss(model), info["parallel"], decoder_layers(model), precision.compute)
     model.train()
-    engine = wrap(CausalLMLoss(model), info["parallel"], decoder_layers(model), pick_dtype(cfg.model.dtype))
     collate = Collator(pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                        flat=info["attn_implementation"] in VARLEN_BACKENDS)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    counts, config = RowCounts.of(rows), unwrap(model).config
+    device_peak = peak_flops(where, precision.compute)
 
     step, state = 0, {"tokens": 0, "loss_tokens": 0, "bad_streak": 0, "elapsed_s": 0.0}
     resume_from = resumable_checkpoint(run_dir) if cfg.trainer.resume == "auto" else None
     if resume_from is not None:
         _check_resumable(resume_from, fingerprints)
         state = load_checkpoint(resume_from, model, engine, optimizer, scheduler)
+        precision.load_state_dict(state.get("loss_scale", {}))
         step = state["step"]
         ui.err.print(f"[green]resuming[/] from {resume_from} (step {step} of {total_steps})")
     elif cfg.trainer.resume not in RESUME_MODES:
@@ -252,21 +344,34 @@ def train(cfg: SFTConfig) -> int:
         ui.print_train_start(info, plan, total_steps, cfg, packed)
 
     stop, started = Stop(), time.perf_counter() - state["elapsed_s"]
-    save = lambda: _checkpoint(run_dir, step, model, engine, optimizer, scheduler, state, cfg, fingerprints)  # noqa: E731
+    save = lambda: _checkpoint(run_dir, step, model, engine, optimizer, scheduler,  # noqa: E731
+                               state | {"loss_scale": precision.state_dict()}, cfg, fingerprints)
+
+    def load_step(s: int) -> list[dict]:
+        batches = [collate(rows.select(ids)) for ids in plan.micro_batches(s, w.rank)]
+        return [pin(b) for b in batches] if where.type == "cuda" else batches  # page-locked: async copies
+
     with neftune(model, cfg.trainer.neftune_alpha) as set_lengths, ui.train_progress(total_steps, step, w) as bar, \
-            MetricsLog(run_dir, enabled=w.is_main) as metrics:
+            MetricsLog(run_dir, enabled=w.is_main) as metrics, Prefetcher(load_step, total_steps) as prefetched:
         stopping = False
         while step < total_steps and not stopping:
             step_started = time.perf_counter()
-            batches = [to_device(collate(rows.select(ids)), device()) for ids in plan.micro_batches(step, w.rank)]
-            loss, step_targets = accumulate_gradients(engine, batches, set_lengths)
+            seed_step(cfg.seed, step, w.rank)
+            tokens, step_targets, attention = counts.total(plan.step_rows(step))  # every rank's rows, on the CPU
+            batches = [to_device(b, where) for b in prefetched(step)]  # collated meanwhile in a thread
+            loss_sum = accumulate_gradients(engine, batches, step_targets, precision, set_lengths)
             _inject_fault(step + 1, model)
+            precision.unscale(optimizer)
             params = [p for p in model.parameters() if p.requires_grad]
             grad_norm = full_value(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf")))
-            grad_norm = grad_norm.item()
+            # The step's one host-device sync (and one collective): loss, grad norm, stop votes.
+            loss_sum, grad_norm, stop_votes = step_values(loss_sum, grad_norm, stop.code is not None)
+            loss = loss_sum / max(step_targets, 1)
             if math.isfinite(loss) and math.isfinite(grad_norm):
-                optimizer.step()
+                precision.step(optimizer)
                 state["bad_streak"] = 0
+            elif precision.scaler and math.isfinite(loss):  # float16 overflow: the scaler skips it, scale halves
+                precision.step(optimizer)
             else:  # never let a NaN reach the weights: skip the update, keep the data moving
                 state["bad_streak"] += 1
                 ui.err.print(f"[yellow]step {step + 1}: non-finite loss/grad ({loss}, {grad_norm}); skipped[/]")
@@ -278,20 +383,21 @@ def train(cfg: SFTConfig) -> int:
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            tokens = int(all_reduce_sum(sum(int(n) for b in batches for r in b["seq_lens"] for n in r)))
+            seconds = max(time.perf_counter() - step_started, 1e-9)
+            flops = model_flops(config, tokens, attention, lora=cfg.peft.method != "none")
             state["tokens"] += tokens
-            state["loss_tokens"] += int(step_targets)
+            state["loss_tokens"] += step_targets
             state["elapsed_s"] = time.perf_counter() - started
             record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "loss": loss, "lr": lr,
-                      "grad_norm": grad_norm, "tokens": tokens, "loss_tokens": int(step_targets),
-                      "tokens_per_sec": tokens / max(time.perf_counter() - step_started, 1e-9),
-                      "elapsed_s": round(state["elapsed_s"], 3)}
+                      "grad_norm": grad_norm, "tokens": tokens, "loss_tokens": step_targets,
+                      "tokens_per_sec": tokens / seconds, "mfu": round(flops / seconds / (device_peak * w.world_size), 4),
+                      "peak_mem_mb": round(peak_memory_mb(where), 1), "elapsed_s": round(state["elapsed_s"], 3)}
             metrics.write(record)
             if w.is_main:
                 bar(step, record)
             if eval_rows is not None and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                _log_eval(engine, eval_rows, collate, cfg, step, metrics, w)
-            stopping = any_rank(stop.code is not None)  # every rank stops after the same step
+                _log_eval(engine, eval_rows, collate, cfg, step, metrics, w, precision)
+            stopping = stop_votes > 0  # every rank stops after the same step
             if (cfg.trainer.save_every and step % cfg.trainer.save_every == 0) or stopping:
                 save()
 
@@ -300,7 +406,7 @@ def train(cfg: SFTConfig) -> int:
         return stop.code if stop.code is not None else 0
     if eval_rows is not None and not (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
         with MetricsLog(run_dir, enabled=w.is_main) as metrics:
-            _log_eval(engine, eval_rows, collate, cfg, step, metrics, w)
+            _log_eval(engine, eval_rows, collate, cfg, step, metrics, w, precision)
     save()
     prepared_report = json.loads((run_dir / "prepared" / "report.json").read_text())
     save_final(run_dir, model, engine, tokenizer, prepared_report.get("eot_token_ids", []))
@@ -309,8 +415,8 @@ def train(cfg: SFTConfig) -> int:
     return 0
 
 
-def _log_eval(engine, eval_rows, collate, cfg, step, metrics, w) -> None:
-    result = evaluate_loss(engine, eval_rows, collate, cfg.trainer.micro_batch_size)
+def _log_eval(engine, eval_rows, collate, cfg, step, metrics, w, precision) -> None:
+    result = evaluate_loss(engine, eval_rows, collate, cfg.trainer.micro_batch_size, precision)
     if w.is_main:
         metrics.write({"type": "eval", "step": step, **result})
         ui.err.print(f"step {step}: eval loss {result['eval_loss']:.4f} (ppl {result['eval_ppl']:.2f})")

@@ -53,3 +53,24 @@ def test_no_noise_in_eval_or_when_off():
         set_lengths([[10]], (1, 10))
         assert torch.equal(model(ids), model.embed.weight[ids])
     assert torch.equal(model(ids), model.embed.weight[ids])  # hook removed afterwards
+
+
+def test_noise_differs_across_ranks_and_is_drawn_again_after_a_resume():
+    """train.seed_step seeds each (step, rank): ranks get their own noise (one seed everywhere
+    would give every rank the same), and a resumed process, whatever its generator did before,
+    draws exactly the noise of the uninterrupted run."""
+    from sft_cli.train import seed_step
+
+    model = Tiny().train()
+    ids = torch.arange(20)[None]
+
+    def noise(step, rank):
+        seed_step(seed=0, step=step, rank=rank)
+        with neftune(model, alpha=5.0) as set_lengths:
+            set_lengths([[20]], (1, 20))
+            return model(ids) - model.embed.weight[ids]
+
+    rank0, rank1 = noise(3, 0), noise(3, 1)
+    assert not torch.equal(rank0, rank1) and not torch.equal(rank0, noise(4, 0))
+    torch.rand(1000)  # a fresh process after a resume: its generator is somewhere else entirely
+    assert torch.equal(noise(3, 1), rank1)

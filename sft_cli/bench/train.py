@@ -5,8 +5,9 @@ One random-init Llama-architecture model (SmolLM2's real 49,152-token tokenizer,
 outside the embedding), one set of seeded synthetic conversations (the generator of
 `sft_cli.bench.prepare`, kept to those that fit max_seq_len 1024 so neither side drops or cuts
 any), full fine-tuning in float32 with SDPA attention, AdamW, lr 2e-4 cosine, clip 1.0, loss on the
-assistant replies (+ their `<|im_end|>`). Three configurations, each a fresh subprocess that reads
-the raw JSONL and does everything itself (tokenize, pack, train), so its peak RSS is a user's:
+assistant replies (+ their `<|im_end|>`). Four configurations, each a fresh subprocess; the first
+three read the raw JSONL and do everything themselves (tokenize, pack, train), so their peak RSS is a
+user's:
 
     ours         python -m sft_cli train recipe=bench.yaml: bfd-packed rows of 1024 tokens,
                  micro_batch_size R, grad_accum 1 (its own prepare + pack in the same process)
@@ -15,10 +16,20 @@ the raw JSONL and does everything itself (tokenize, pack, train), so its peak RS
                  step holds about as many real tokens as ours
     trl bfd      SFTTrainer, packing=True, packing_strategy="bfd" (padding-free: the R rows of a
                  batch are flattened into one sequence with restarting position_ids)
+    raw          the limit of this machine for this model: no data pipeline, no trainer. The same model
+                 (same saved weights, float32, SDPA, use_cache off), R full rows of 1024 random token ids
+                 per step (pre-built, seeded; one sequence per row, no position_ids, no padding), the
+                 model's own loss (labels=input_ids: full-vocabulary logits on all 1024 positions, 1023
+                 targets per row), backward, clip 1.0, AdamW as ours builds it (lr 2e-4 constant, betas
+                 0.9/0.999, eps 1e-8, weight decay 0, foreach on CPU); no collation, scheduler, metrics
+                 file or logging. Every position is a real token, so its tokens per step = R x 1024.
+
+Ours computes the LM head (a 49,152 x 256 matmul, most of this model's FLOPs) only on the trained
+positions, the assistant replies, so it can beat raw: the goal is ours >= 1.0x raw in real tokens/s.
 
 Same on every side: steps, seed, max_seq_len, bf16=False and gradient_checkpointing=False (TRL's
 SFTConfig defaults to both), no eval, no checkpoints in between (ours writes its final one after the
-last step, outside the timing), no dataloader workers, one data-preparation process, the same
+last step, outside the timing; raw saves nothing), no dataloader workers, one data-preparation process, the same
 thread count (OMP_NUM_THREADS / MKL_NUM_THREADS, default: every core). TRL trains on the
 assistant replies through `assistant_only_loss=True` with `{% generation %}` markers added to a copy
 of the chat template (TRL requires them; the text renders identically).
@@ -26,11 +37,11 @@ of the chat template (TRL requires them; the text renders identically).
 Measured per run: real (non-padding) tokens per second over the steps after the first `--warmup`
 (ours: `tokens` and cumulative `elapsed_s` of run_dir/metrics.jsonl; TRL: a subclass counting each
 batch's attention_mask sum, or its length when padding-free, and a callback taking the time at every
-step end), so tokenizing, packing, model load and the first steps stay out of it; the process's peak
+step end; raw: time.perf_counter after each optimizer step), so tokenizing, packing, model load and the first steps stay out of it; the process's peak
 RSS (`wait4`, exact) and the process tree's (psutil, sampled every 50 ms); wall time; and the CPU
 other processes used meanwhile (/proc/stat minus the run's own rusage). The machine may be shared,
 and two threads on two cores lose far more than half their speed when anything else runs, so: runs
-are interleaved (ours, TRL padded, TRL bfd, ours, ...), each waits for the machine to go quiet, a
+are interleaved (ours, TRL padded, TRL bfd, raw, ours, ...), each waits for the machine to go quiet, a
 run during which others used >= 0.25 cores is repeated (up to --retries times, within --budget
 seconds), and each configuration keeps its fastest uncontended run.
 
@@ -42,12 +53,14 @@ Model FLOPs utilization = achieved model FLOP/s / this machine's float32 matmul 
 
 (6N for the weight matmuls, 4N with LoRA, the LM head counted on every token; causal attention QK^T and AV,
 forward + backward, each example attending to itself only; the per-token attention term is the data
-set's mean, the same for every side). FLOPs spent on padding or masked-out attention are not counted.
+set's mean, the same for every side, raw included: its 1024-token sequences attend further, so its MFU
+is a few percent low). FLOPs spent on padding or masked-out attention are not counted.
 
     python -m sft_cli.bench.train              # make bench-train: ~4 min on 2 idle cores, ~12 on busy ones
     python -m sft_cli.bench.train --quick      # one round, fewer steps
+    python -m sft_cli.bench.train --quick --no-write --budget 120   # a check: BENCHMARKS.md untouched
     python -m sft_cli.bench.train --rounds 3 --steps 8 --rows-per-step 4
-    python -m sft_cli.bench.train --peft lora  # LoRA (r 16, all linear layers) on both sides instead
+    python -m sft_cli.bench.train --peft lora  # LoRA (r 16, all linear layers) on every side instead
 """
 
 from __future__ import annotations
@@ -72,8 +85,8 @@ SEED = 42
 LR = 2e-4
 MODEL_SHAPE = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
                "head_dim": 64, "intermediate_size": 768}
-SIDES = ("ours", "trl padded", "trl bfd")
-# `--peft lora` on both sides: rank 16, alpha 32, dropout 0.05 on every linear layer of the blocks.
+SIDES = ("ours", "trl padded", "trl bfd", "raw")
+# `--peft lora` on every side: rank 16, alpha 32, dropout 0.05 on every linear layer of the blocks.
 LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 
 
@@ -319,6 +332,55 @@ def trl_worker(spec: dict) -> None:
     Path(spec["result"]).write_text(json.dumps({"steps": steps}))
 
 
+def run_raw(spec: dict, tmp: Path, env: dict, name: str) -> dict:
+    out_json = tmp / f"{name}.json"
+    cmd = [sys.executable, "-m", "sft_cli.bench.train", "--raw-worker", json.dumps({**spec, "result": str(out_json)})]
+    result = measure(cmd, tmp, tmp / f"{name}.log", env)
+    steps = json.loads(out_json.read_text())["steps"]
+    return {**result, **throughput(steps, spec["warmup"])}
+
+
+def raw_worker(spec: dict) -> None:
+    """In a subprocess: the model's own forward + backward + AdamW on full rows of random token ids,
+    nothing else; writes per-step tokens, loss tokens, positions, step-end times and losses."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False  # as ours: training builds no KV cache
+    if spec["peft"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"],
+                                                 lora_dropout=LORA["lora_dropout"], target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    # AdamW exactly as sft_cli.schedule.build_optimizer makes it on CPU for this benchmark (weight
+    # decay 0, so its decay / no-decay groups are one); a constant lr: a schedule costs nothing.
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=True)
+    # Every step's batch built up front: (steps, rows, MAX_SEQ_LEN) token ids, all real, one sequence a row.
+    vocab = model.get_input_embeddings().weight.shape[0]
+    batches = torch.randint(vocab, (spec["steps"], spec["rows"], MAX_SEQ_LEN),
+                            generator=torch.Generator().manual_seed(SEED))
+    losses, ends = [], []
+    start = time.perf_counter()
+    for input_ids in batches:
+        # labels=input_ids: the model shifts them and computes full-vocabulary logits on every position.
+        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ends.append(time.perf_counter() - start)  # CPU: the step is done when step() returns, no sync
+        losses.append(loss.detach())
+    tokens = spec["rows"] * MAX_SEQ_LEN
+    steps = [{"tokens": tokens, "loss_tokens": spec["rows"] * (MAX_SEQ_LEN - 1), "positions": tokens, "end": end,
+              "loss": float(loss)} for end, loss in zip(ends, losses)]
+    Path(spec["result"]).write_text(json.dumps({"steps": steps}))
+
+
 # -- the benchmark --------------------------------------------------------------------------------
 def benchmark(args, console) -> dict:
     from transformers import AutoTokenizer
@@ -358,7 +420,8 @@ def benchmark(args, console) -> dict:
                "TQDM_DISABLE": "1"}
         runs = {"ours": lambda name: run_ours(spec, tmp, env, name),
                 "trl padded": lambda name: run_trl(spec, tmp, env, name, packed=False),
-                "trl bfd": lambda name: run_trl(spec, tmp, env, name, packed=True)}
+                "trl bfd": lambda name: run_trl(spec, tmp, env, name, packed=True),
+                "raw": lambda name: run_raw(spec, tmp, env, name)}
         every: dict[str, list[dict]] = {side: [] for side in SIDES}
         # Waiting and retrying stop once the time budget is spent: a machine that is never quiet
         # still gets every round, with its contended runs marked.
@@ -419,7 +482,7 @@ def benchmark(args, console) -> dict:
 # -- report ---------------------------------------------------------------------------------------
 HEADER = ["side", "batch / step", "real tokens / step", "loss tokens / step", "positions / step", "s / step",
           "tokens/s", "every run", "other CPU (cores)", "MFU", "peak RSS MB", "tree RSS MB", "wall s"]
-RATIO_HEADER = ["measure", "ours / TRL padded", "goal", "ours / TRL bfd", "goal"]
+RATIO_HEADER = ["measure", "ours / TRL padded", "goal", "ours / TRL bfd", "goal", "ours / raw", "goal"]
 
 
 def rows_of(bench: dict) -> list[list[str]]:
@@ -439,7 +502,7 @@ def rows_of(bench: dict) -> list[list[str]]:
 
 def ratio_rows(bench: dict) -> list[list[str]]:
     res = bench["results"]
-    ours, padded, packed = res["ours"], res["trl padded"], res["trl bfd"]
+    ours, padded, packed, raw = res["ours"], res["trl padded"], res["trl bfd"], res["raw"]
 
     def cell(value: float, goal: float, higher: bool, *sides: dict) -> tuple[str, str]:
         met = value >= goal if higher else value <= goal
@@ -448,8 +511,11 @@ def ratio_rows(bench: dict) -> list[list[str]]:
         return f"{value:.2f}x{shaky}", f"{'>=' if higher else '<='} {goal}x {'met' if met else 'MISSED'}"
 
     speed = [*cell(ours["tokens_per_s"] / padded["tokens_per_s"], 1.3, True, ours, padded),
-             *cell(ours["tokens_per_s"] / packed["tokens_per_s"], 1.1, True, ours, packed)]
-    rss = [*cell(ours["rss_mb"] / padded["rss_mb"], 0.8, False), *cell(ours["rss_mb"] / packed["rss_mb"], 0.8, False)]
+             *cell(ours["tokens_per_s"] / packed["tokens_per_s"], 1.1, True, ours, packed),
+             *cell(ours["tokens_per_s"] / raw["tokens_per_s"], 1.0, True, ours, raw)]
+    # Raw holds no tokenizer, data set or trainer: its peak RSS is a floor to read against, no goal.
+    rss = [*cell(ours["rss_mb"] / padded["rss_mb"], 0.8, False), *cell(ours["rss_mb"] / packed["rss_mb"], 0.8, False),
+           f"{ours['rss_mb'] / raw['rss_mb']:.2f}x", "none"]
     return [["real tokens/s", *speed], ["peak RSS", *rss]]
 
 
@@ -481,25 +547,33 @@ def section(bench: dict, args, command: str) -> str:
         f"{method}, AdamW lr {LR} cosine, clip 1.0, seed {SEED}, max_seq_len {MAX_SEQ_LEN}.",
         f"**Data**: {d['kept']:,} of {d['generated']:,} synthetic conversations (`sft_cli.bench.prepare`'s seeded "
         f"generator; those over {MAX_SEQ_LEN} tokens left out), {d['tokens']:,} tokens, mean {d['mean_len']:.0f} "
-        "per conversation. Loss on the assistant replies + their `<|im_end|>` on every side (TRL: "
+        "per conversation. Loss on the assistant replies + their `<|im_end|>` on ours and TRL (TRL: "
         "`assistant_only_loss=True`, `{% generation %}` markers added to a copy of the same template).",
         f"**Steps**: {args.warmup + args.steps} optimizer steps per run, grad_accum 1; tokens/s over the last "
         f"{args.steps} ({args.warmup} warm-up step{'s' if args.warmup > 1 else ''} first), from step end to step "
         "end, so it includes "
         "batching, forward, loss, backward, clipping, the optimizer and per-step logging, and excludes "
-        "startup, tokenizing, packing, model load and the final save. Every run is a fresh process on the raw "
-        f"JSONL. {args.rounds} interleaved rounds; each run waits for the machine to go quiet, and one during "
+        "startup, tokenizing, packing, model load and the final save. Every run is a fresh process (ours and TRL on "
+        f"the raw JSONL). {args.rounds} interleaved rounds; each run waits for the machine to go quiet, and one during "
         f"which other processes used >= {QUIET_CORES} cores (marked * under **every run**) is repeated, up to "
         f"{args.retries} times while the {args.budget:.0f} s budget for waiting and repeating lasts (a side with "
         "no uncontended run at all gets more tries after it); speed is "
         "each side's fastest uncontended run (**other CPU**: what other processes used during it), "
         "memory the highest peak of all its runs.",
+        f"**raw**: the same saved model (float32, SDPA, use_cache off), {bench['rows']} full rows of "
+        f"{MAX_SEQ_LEN} seeded random token ids per step, built before the loop (one sequence a row, no "
+        "position_ids, no padding: every position a real token), `model(input_ids, labels=input_ids).loss` "
+        "(full-vocabulary logits on every position), backward, clip 1.0, `torch.optim.AdamW` as ours builds "
+        "it (betas 0.9/0.999, eps 1e-8, weight decay 0, foreach), constant lr, no scheduler, collation, "
+        "metrics or logging; timed after each optimizer step. Ours computes the LM head on the loss "
+        "tokens only, which lets it beat raw; raw's MFU counts the data set's attention FLOPs per token "
+        "like every side's, a few percent under what its 1024-token sequences do.",
         "**real tokens / step**: non-padding input tokens; **positions / step**: what the model computes "
         "(padding included): ours pads each micro-batch to its longest packed row, TRL padded pads its "
         "examples to the longest of the batch, TRL bfd flattens its rows into one padding-free sequence (under "
         "SDPA its attention then spans the whole flattened batch, masked block-diagonally).",
         "**peak RSS MB**: the training process's peak resident memory (`wait4`, exact), which includes its own "
-        "tokenizing and packing; **tree RSS MB**: summed over the process and any children (psutil, every 50 ms).",
+        "tokenizing and packing (raw has none); **tree RSS MB**: summed over the process and any children (psutil, every 50 ms).",
         f"**MFU**: model FLOP/s / {bench['peak'] / 1e9:.1f} GFLOP/s, this machine's float32 `torch.mm` "
         f"(2048 x 2048, {bench['threads']} threads, best of 10 before and 10 after the runs). Model FLOPs per "
         f"real token = {bench['factor']} x ({non_embedding:,} non-embedding + {m['vocab']:,} x "
@@ -510,13 +584,14 @@ def section(bench: dict, args, command: str) -> str:
         "padding and masked attention are not counted.",
         f"Threads: OMP_NUM_THREADS = MKL_NUM_THREADS = {bench['threads']} on every side; no dataloader workers; "
         "one data-preparation process; bf16=False, gradient_checkpointing=False (TRL's SFTConfig defaults to "
-        "True for both), no eval, no checkpoints, report_to none, logging every step on both sides.",
+        "True for both), no eval, no checkpoints, report_to none, logging every step on ours and TRL.",
     ] + ([f"**Note:** {bench['note']}"] if bench["note"] else [])
     return "\n".join([
         "## train", "",
         "`sft train` against TRL's `SFTTrainer` on the same model, data, max_seq_len, steps and about the same "
         "real tokens per step: ours with bfd-packed rows, TRL without packing (examples padded per batch) and "
-        "TRL with `packing=True, packing_strategy=\"bfd\"` (padding-free).", "",
+        "TRL with `packing=True, packing_strategy=\"bfd\"` (padding-free); and against **raw**, this "
+        "machine's limit for the model: its own forward + backward + AdamW on full rows, no data pipeline.", "",
         *(f"- {n}" for n in notes), "",
         markdown(HEADER, rows_of(bench)), "",
         "Ratios against the goals (tokens/s: higher is better; peak RSS: lower is better):", "",
@@ -540,12 +615,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows-per-step", type=int, default=2, help=f"packed rows of {MAX_SEQ_LEN} tokens per step")
     parser.add_argument("--conversations", type=int, default=1000, help="generated before the length filter")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on every side (0 = every core)")
-    parser.add_argument("--peft", choices=("none", "lora"), default="none", help="full fine-tuning or LoRA, both sides")
+    parser.add_argument("--peft", choices=("none", "lora"), default="none", help="full fine-tuning or LoRA, every side")
     parser.add_argument("--quick", action="store_true", help="one round, 2 timed steps")
+    parser.add_argument("--no-write", action="store_true", help="print the tables, leave BENCHMARKS.md alone")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: one TRL run, JSON spec
+    parser.add_argument("--raw-worker", help=argparse.SUPPRESS)  # internal: one raw run, JSON spec
     args = parser.parse_args(argv)
     if args.trl_worker:
         return trl_worker(json.loads(args.trl_worker))
+    if args.raw_worker:
+        return raw_worker(json.loads(args.raw_worker))
     if args.quick:
         args.rounds, args.steps = 1, 2
     if args.warmup < 1 or args.steps < 1:
@@ -556,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
 
     console = Console(width=None if sys.stdout.isatty() else 180)
     bench = benchmark(args, console)
-    for title, header, body in (("sft train vs TRL SFTTrainer", HEADER, rows_of(bench)),
+    for title, header, body in (("sft train vs TRL SFTTrainer and raw", HEADER, rows_of(bench)),
                                 ("ratios vs goals", RATIO_HEADER, ratio_rows(bench))):
         table = Table(title=title)
         for column in header:
@@ -569,6 +648,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m sft_cli.bench.train" + (" --quick" if args.quick else "") + "".join(
         f" --{k.replace('_', '-')} {getattr(args, k)}" for k, v in defaults.items()
         if getattr(args, k) != v and not (args.quick and k in ("rounds", "steps")))
+    if args.no_write:
+        console.print("--no-write: BENCHMARKS.md left as it was")
+        return
     write_section(REPO / "BENCHMARKS.md", "train", section(bench, args, command))
     console.print(f"wrote the train section of {REPO / 'BENCHMARKS.md'}")
 

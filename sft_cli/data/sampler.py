@@ -65,3 +65,47 @@ class StepPlan:
         batches = self.epoch_batches(epoch)
         first = within * self.micro_batches_per_step
         return [batches[first + j * self.world_size + rank] for j in range(self.grad_accum)]
+
+    def step_rows(self, step: int) -> list[int]:
+        """Every row of one optimizer step, over all its micro-batches and all ranks."""
+        epoch, within = self.position(step)
+        first = within * self.micro_batches_per_step
+        return [i for batch in self.epoch_batches(epoch)[first:first + self.micro_batches_per_step] for i in batch]
+
+
+@dataclass(frozen=True)
+class RowCounts:
+    """Per packed row, computed once from the Arrow columns: real tokens, trained targets (labels
+    after the one-token shift), and the sum of squared example lengths (attention FLOPs). A step's
+    totals over all ranks are then a CPU sum over StepPlan.step_rows: no collective, no device sync."""
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    attention: np.ndarray
+
+    @classmethod
+    def of(cls, rows) -> RowCounts:
+        import pyarrow.compute as pc
+
+        table = rows.with_format("arrow")[:]  # honours a select()'s index mapping (rows.data would not)
+
+        def flat(name):
+            column = table.column(name).combine_chunks()
+            return (pc.list_flatten(column).to_numpy(zero_copy_only=False),
+                    column.offsets.to_numpy()[column.offset:column.offset + len(column) + 1])
+
+        labels, offsets = flat("labels")
+        trained = np.concatenate([(labels != -100).astype(np.int64), [0]])
+        running = np.concatenate([[0], np.cumsum(trained)])
+        starts, ends = offsets[:-1], offsets[1:]
+        # A row's first label has no token before it to predict it: never a target.
+        first = np.where(ends > starts, trained[starts], 0)
+        lens, len_offsets = flat("seq_lens")
+        squares = np.concatenate([[0], np.cumsum(lens.astype(np.float64) ** 2)])
+        return cls(tokens=(ends - starts).astype(np.int64), targets=running[ends] - running[starts] - first,
+                   attention=squares[len_offsets[1:]] - squares[len_offsets[:-1]])
+
+    def total(self, ids: list[int]) -> tuple[int, int, float]:
+        """(tokens, targets, sum of squared example lengths) of these rows."""
+        index = np.asarray(ids, dtype=np.int64)
+        return int(self.tokens[index].sum()), int(self.targets[index].sum()), float(self.attention[index].sum())

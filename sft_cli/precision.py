@@ -1,0 +1,112 @@
+"""Mixed precision: which dtype each thing is stored in, and which dtype each thing runs in.
+
+`model.dtype` names the compute dtype. What is stored follows from it:
+
+                                  model.dtype=bfloat16 (GPU default)      float32 (CPU default)
+    trainable weights, AdamW      float32 master copies                   float32
+    frozen weights (LoRA base)    bfloat16 (half the memory, never        float32
+                                  updated, so nothing to round away)
+    matmuls, activations          bfloat16 (torch.autocast; under FSDP2   float32 (TF32 on GPUs)
+                                  also its MixedPrecisionPolicy)
+    loss (log-softmax, CE)        float32                                 float32
+    gradient all-reduce           float32                                 float32
+
+Why float32 masters: a bfloat16 weight has 8 bits of mantissa, so an update smaller than
+w / 256 rounds to nothing; at lr 1e-5 AdamW's steps (about lr per weight) are far below that for
+most weights, and pure-bf16 training silently stops learning. float16 is as bfloat16 plus a
+gradient scaler: its 5-bit exponent flushes small gradients to zero unless the loss is scaled up
+first (and steps with overflowed gradients are skipped while the scale comes down).
+
+    precision = Precision.of(cfg.model.dtype, device)
+    model = load(..., dtype=precision.load_dtype(full_finetune))   # then upcast_trainable(model)
+    with precision.autocast():
+        loss = engine(...)
+    precision.backward(loss)
+    precision.unscale(optimizer)                 # before clipping: clip the true gradients
+    stepped = precision.step(optimizer)          # False when float16 overflowed (step skipped)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from sft_cli.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    """The compute dtype `model.dtype` names (auto: bf16 on GPUs that have it, fp16 on older
+    GPUs, float32 on CPUs, where bf16 matmuls are slow or emulated on most and float32 is exact)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise ConfigError("model.dtype", f"unknown dtype '{name}'", "use float32, bfloat16, float16 or auto")
+    return DTYPES[name]
+
+
+@dataclass
+class Precision:
+    compute: torch.dtype
+    device_type: str = "cpu"
+    scaler: torch.amp.GradScaler | None = None
+
+    @classmethod
+    def of(cls, dtype_name: str, device: torch.device) -> Precision:
+        compute = pick_dtype(dtype_name)
+        if device.type == "cuda" and compute == torch.float32:
+            # TF32 tensor cores for float32 matmuls: ~8x the throughput, 10-bit mantissa products
+            # accumulated in float32 (the trade every float32 GPU recipe makes).
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+            torch.backends.cudnn.conv.fp32_precision = "tf32"
+        scaler = torch.amp.GradScaler(device.type) if compute == torch.float16 else None
+        return cls(compute, device.type, scaler)
+
+    @property
+    def mixed(self) -> bool:
+        return self.compute != torch.float32
+
+    def load_dtype(self, full_finetune: bool) -> torch.dtype:
+        """Weights are read in float32 when every one of them is trained (they are the masters),
+        in the compute dtype when most are frozen (LoRA: only the adapters become float32)."""
+        return torch.float32 if full_finetune else self.compute
+
+    def autocast(self):
+        if not self.mixed:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.compute)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def unscale(self, optimizer) -> None:
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer) -> None:
+        """optimizer.step(); with a scaler, a step whose gradients overflowed is skipped by the
+        scaler itself and the loss scale halves (the caller sees a non-finite grad norm)."""
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler and state:
+            self.scaler.load_state_dict(state)
+
+
+def upcast_trainable(model: torch.nn.Module) -> None:
+    """float32 master copies of every trainable weight (frozen ones stay in the compute dtype)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
