@@ -48,8 +48,8 @@ def pick_attention(name: str, training: bool = True, dtype: torch.dtype | None =
 class CausalLMLoss(torch.nn.Module):
     """Summed next-token CE of a micro-batch, as one module: the unit DDP and FSDP2 wrap.
 
-    The LM head runs only on trained positions, in chunks (loss.chunked_ce_sum), so the forward
-    goes body -> loss here instead of through the model's own forward (which would build the
+    The LM head runs only on trained positions, fused with the cross-entropy a chunk at a time
+    (loss.linear_ce_sum: one chunk's logits alive at once), so the forward goes body -> loss here instead of through the model's own forward (which would build the
     full (B, T, vocab) logits). Wrapping this module, not the model, keeps DDP's gradient hooks
     and FSDP2's unshard hooks on the path that is actually called.
     """

@@ -47,6 +47,7 @@ from sft_cli.data.sampler import RowCounts, StepPlan
 from sft_cli.distributed import (
     all_reduce_max,
     all_reduce_sum,
+    any_rank,
     collective_device,
     device,
     full_value,
@@ -286,7 +287,8 @@ def train(cfg: SFTConfig) -> int:
     identity = run_identity(cfg, w.world_size)
     fingerprints = {"run": fingerprint(identity), "identity": identity,
                     "packed": read_manifest(run_dir / "packed")["fingerprint"]}
-    if _finished(run_dir, fingerprints, total_steps) and cfg.trainer.resume == "auto":
+    # Rank 0's reading, on every rank: what follows (finding a checkpoint) is collective.
+    if any_rank(w.is_main and _finished(run_dir, fingerprints, total_steps)) and cfg.trainer.resume == "auto":
         ui.err.print(f"[green]already finished[/]: {run_dir / 'final'} holds all {total_steps} steps of this "
                      "config (trainer.resume=never to train again)")
         return 0
