@@ -106,7 +106,8 @@ def wrap(module: torch.nn.Module, strategy: str, layers: list[torch.nn.Module], 
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device().index] if torch.cuda.is_available() else None
-        return DistributedDataParallel(module, device_ids=ids)
+        # broadcast_buffers=False: the buffers (rotary inv_freq) are constants, equal on every rank.
+        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # Master weights stay in float32; compute in param_dtype; gradients reduced in float32.

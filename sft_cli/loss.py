@@ -143,8 +143,10 @@ class _LinearCE(torch.autograd.Function):
                 grad = grad.to(dtype)  # no copy in float32
                 if want_hidden:
                     grad_hidden[lo:lo + rows] = grad @ w                          # (c, H)
-                if want_weight:
-                    grad_weight += grad.T @ h                                     # (V, H)
+                if want_weight and dtype == torch.float32:
+                    grad_weight.addmm_(grad.T, h)                                 # (V, H), in place
+                elif want_weight:
+                    grad_weight += grad.T @ h  # a (V, H) bf16 temporary: addmm_ cannot mix dtypes
                 del grad  # bf16: its half-size copy, gone before the next chunk's logits
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)

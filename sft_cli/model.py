@@ -23,7 +23,8 @@ def pick_attention(name: str, training: bool = True, dtype: torch.dtype | None =
     (tiny and debugging configs) gets SDPA."""
     on_gpu = torch.cuda.is_available()
     if name == "auto":
-        if on_gpu and dtype in (torch.bfloat16, torch.float16):
+        # flash-attn 2 runs on Ampere and newer only; older GPUs get SDPA.
+        if on_gpu and dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability()[0] >= 8:
             try:
                 import flash_attn  # noqa: F401
 
@@ -99,9 +100,10 @@ def load_model(cfg: SFTConfig, tokenizer, path: str, *, empty: bool = False, mas
     masters for what trains, the compute dtype (`model.dtype`) for a frozen LoRA base.
 
     empty=True builds the same model on the meta device without reading a weight: FSDP2 ranks
-    shard that, then receive the weights from rank 0 (distributed.shard_and_load).
-    masters=False keeps every weight in the compute dtype: rank 0's copy that FSDP2 ranks receive
-    their shards from, so no process ever holds the whole model in float32.
+    shard that, then receive the weights from rank 0 (distributed.load_sharded).
+    masters=False keeps every weight as the checkpoint stores it (bf16 for most): rank 0's copy that
+    FSDP2 ranks receive their float32 shards from, exact, and never the whole model in float32
+    unless the file is float32 itself.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -111,7 +113,7 @@ def load_model(cfg: SFTConfig, tokenizer, path: str, *, empty: bool = False, mas
     compute = pick_dtype(cfg.model.dtype)
     attn = pick_attention(cfg.model.attn_implementation, dtype=compute)
     full_finetune = cfg.peft.method == "none"
-    dtype = torch.float32 if full_finetune and masters else compute
+    dtype = (torch.float32 if full_finetune else compute) if masters else "auto"
     options = {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision}
     try:
         if empty:

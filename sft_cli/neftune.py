@@ -38,7 +38,10 @@ def neftune(model, alpha: float):
     state: dict = {}
 
     def set_lengths(seq_lens, shape):
-        state["scale"] = noise_scale(seq_lens, tuple(shape), alpha, embeddings.weight.shape[1])
+        scale = noise_scale(seq_lens, tuple(shape), alpha, embeddings.weight.shape[1])
+        where = embeddings.weight.device
+        # Page-locked, so the copy to the GPU does not stall it (a pageable copy syncs the stream).
+        state["scale"] = scale.pin_memory().to(where, non_blocking=True) if where.type == "cuda" else scale
 
     def hook(module, inputs, output):
         if not module.training or "scale" not in state:  # never in eval or generation

@@ -18,12 +18,11 @@ gradient scaler: its 5-bit exponent flushes small gradients to zero unless the l
 first (and steps with overflowed gradients are skipped while the scale comes down).
 
     precision = Precision.of(cfg.model.dtype, device)
-    model = load(..., dtype=precision.load_dtype(full_finetune))   # then upcast_trainable(model)
     with precision.autocast():
         loss = engine(...)
     precision.backward(loss)
     precision.unscale(optimizer)                 # before clipping: clip the true gradients
-    stepped = precision.step(optimizer)          # False when float16 overflowed (step skipped)
+    precision.step(optimizer)                    # or precision.skip() when the gradients are not finite
 """
 
 from __future__ import annotations
@@ -43,7 +42,8 @@ def pick_dtype(name: str) -> torch.dtype:
     GPUs, float32 on CPUs, where bf16 matmuls are slow or emulated on most and float32 is exact)."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Native bf16 only (Ampere on): emulated bf16 on a V100 / T4 is far slower than float16.
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32
     if name not in DTYPES:
         raise ConfigError("model.dtype", f"unknown dtype '{name}'", "use float32, bfloat16, float16 or auto")
@@ -71,11 +71,6 @@ class Precision:
     def mixed(self) -> bool:
         return self.compute != torch.float32
 
-    def load_dtype(self, full_finetune: bool) -> torch.dtype:
-        """Weights are read in float32 when every one of them is trained (they are the masters),
-        in the compute dtype when most are frozen (LoRA: only the adapters become float32)."""
-        return torch.float32 if full_finetune else self.compute
-
     def autocast(self):
         if not self.mixed:
             return contextlib.nullcontext()
@@ -89,13 +84,22 @@ class Precision:
             self.scaler.unscale_(optimizer)
 
     def step(self, optimizer) -> None:
-        """optimizer.step(); with a scaler, a step whose gradients overflowed is skipped by the
-        scaler itself and the loss scale halves (the caller sees a non-finite grad norm)."""
+        """optimizer.step() (with a scaler: through it, then the scale may grow)."""
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
             optimizer.step()
+
+    def skip(self) -> float | None:
+        """A step that will not update (non-finite gradients or loss). With a scaler, `update()` still
+        runs: the overflow unscale_ recorded halves the scale, and the next unscale_ is allowed. Returns
+        the new scale while it can still come down (>= 1), None otherwise (and without a scaler)."""
+        if not self.scaler:
+            return None
+        self.scaler.update()
+        scale = self.scaler.get_scale()
+        return scale if scale >= 1 else None
 
     def state_dict(self) -> dict:
         return self.scaler.state_dict() if self.scaler else {}

@@ -36,6 +36,7 @@ GPU_PEAK_TFLOPS = {
 
 def model_flops(config, tokens: int, attention: float, lora: bool) -> float:
     """Training FLOPs of `tokens` real tokens whose examples' squared lengths sum to `attention`."""
+    config = config.get_text_config()  # multimodal configs (Gemma 3) keep the decoder's numbers there
     hidden = config.hidden_size
     layers = config.num_hidden_layers
     heads = config.num_attention_heads

@@ -346,8 +346,10 @@ def train(cfg: SFTConfig) -> int:
         ui.print_train_start(info, plan, total_steps, cfg, packed)
 
     stop, started = Stop(), time.perf_counter() - state["elapsed_s"]
-    save = lambda: _checkpoint(run_dir, step, model, engine, optimizer, scheduler,  # noqa: E731
-                               state | {"loss_scale": precision.state_dict()}, cfg, fingerprints)
+
+    def save() -> None:
+        state["loss_scale"] = precision.state_dict()
+        _checkpoint(run_dir, step, model, engine, optimizer, scheduler, state, cfg, fingerprints)
 
     def load_step(s: int) -> list[dict]:
         batches = [collate(rows.select(ids)) for ids in plan.micro_batches(s, w.rank)]
@@ -372,8 +374,9 @@ def train(cfg: SFTConfig) -> int:
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 precision.step(optimizer)
                 state["bad_streak"] = 0
-            elif precision.scaler and math.isfinite(loss):  # float16 overflow: the scaler skips it, scale halves
-                precision.step(optimizer)
+            elif precision.skip() is not None and math.isfinite(loss):  # float16: a routine overflow
+                ui.err.print(f"[yellow]step {step + 1}: float16 gradients overflowed; skipped, loss scale now "
+                             f"{precision.scaler.get_scale():g}[/]")
             else:  # never let a NaN reach the weights: skip the update, keep the data moving
                 state["bad_streak"] += 1
                 ui.err.print(f"[yellow]step {step + 1}: non-finite loss/grad ({loss}, {grad_norm}); skipped[/]")

@@ -96,10 +96,13 @@ def test_float16_scales_the_loss_and_skips_overflowed_steps(tiny_dir, tiny_token
 
 def test_auto_attention_picks_flash_only_for_half_precision_on_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
     assert pick_attention("auto", dtype=torch.bfloat16) == "flash_attention_2"
     assert pick_attention("auto", dtype=torch.float16) == "flash_attention_2"
     assert pick_attention("auto", dtype=torch.float32) == "sdpa"  # flash has no float32 kernels
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))  # a T4: no flash-attn 2
+    assert pick_attention("auto", dtype=torch.float16) == "sdpa"
     from sft_cli.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.attn_implementation"):
@@ -114,3 +117,25 @@ def test_float32_on_gpu_turns_on_tf32():
         assert torch.backends.cuda.matmul.fp32_precision == "tf32" and not precision.mixed
     finally:
         torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def test_float16_training_survives_overflowed_steps(tmp_path):
+    """Through the CLI: steps 2 and 3 get non-finite gradients (fault injection, after backward, as
+    an fp16 overflow would); the scaler skips them and halves its scale, and training goes on."""
+    import json
+    import os
+    import subprocess
+
+    from tests.conftest import REPO, write_chat_jsonl
+
+    data = write_chat_jsonl(tmp_path / "chat.jsonl", rows=40, max_words=20)
+    args = ["train", "model.name_or_path=builtin:tiny-llama-chatml", f"data.sources=[{{path: {data}}}]",
+            "max_seq_len=128", f"run_dir={tmp_path / 'run'}", "trainer.micro_batch_size=2", "trainer.max_steps=5",
+            "model.dtype=float16", "peft=none", "trainer.max_bad_steps=0"]
+    result = subprocess.run([sys.executable, "-m", "sft_cli", *args], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "SFT_FAULT_NAN_STEPS": "2,3", "COLUMNS": "200"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loss scale now 32768" in result.stderr and "loss scale now 16384" in result.stderr
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert all(map(lambda r: r["loss"] == r["loss"], records))  # finite losses throughout

@@ -31,7 +31,7 @@ class StepPlan:
     world_size: int
     seed: int
     lengths: list[int] | None = None  # set for unpacked rows: batches group similar lengths
-    _epoch_cache: dict = field(default_factory=dict, repr=False)
+    _recent: tuple = field(default=(), repr=False)
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -45,16 +45,20 @@ class StepPlan:
         return max_steps if max_steps > 0 else max(1, math.ceil(epochs * self.steps_per_epoch))
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._epoch_cache:
-            self._epoch_cache.clear()  # one epoch at a time is all the loop needs
-            if self.lengths is not None:
-                seed = int(np.random.SeedSequence([self.seed, 6, epoch]).generate_state(1)[0])
-                batches = length_grouped_batches(self.lengths, self.micro_batch_size, seed=seed)
-            else:
-                order = np.random.default_rng([self.seed, 5, epoch]).permutation(self.num_rows).tolist()
-                batches = [order[i:i + self.micro_batch_size] for i in range(0, self.num_rows, self.micro_batch_size)]
-            self._epoch_cache[epoch] = batches
-        return self._epoch_cache[epoch]
+        # The two newest epochs, swapped in as one tuple: the training loop and its prefetch thread
+        # may ask for adjacent epochs at once, and neither may see the other's half-made update.
+        recent = self._recent
+        for cached_epoch, batches in recent:
+            if cached_epoch == epoch:
+                return batches
+        if self.lengths is not None:
+            seed = int(np.random.SeedSequence([self.seed, 6, epoch]).generate_state(1)[0])
+            batches = length_grouped_batches(self.lengths, self.micro_batch_size, seed=seed)
+        else:
+            order = np.random.default_rng([self.seed, 5, epoch]).permutation(self.num_rows).tolist()
+            batches = [order[i:i + self.micro_batch_size] for i in range(0, self.num_rows, self.micro_batch_size)]
+        self._recent = ((epoch, batches), *recent[:1])
+        return batches
 
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, step within the epoch) of a global 0-based step."""
@@ -84,26 +88,27 @@ class RowCounts:
     attention: np.ndarray
 
     @classmethod
-    def of(cls, rows) -> RowCounts:
+    def of(cls, rows, batch_rows: int = 8192) -> RowCounts:
+        """From the Arrow columns, `batch_rows` rows at a time: never a whole split's tokens in one array."""
         import pyarrow.compute as pc
 
         table = rows.with_format("arrow")[:]  # honours a select()'s index mapping (rows.data would not)
-
-        def flat(name):
-            column = table.column(name).combine_chunks()
-            return (pc.list_flatten(column).to_numpy(zero_copy_only=False),
-                    column.offsets.to_numpy()[column.offset:column.offset + len(column) + 1])
-
-        labels, offsets = flat("labels")
-        trained = np.concatenate([(labels != -100).astype(np.int64), [0]])
-        running = np.concatenate([[0], np.cumsum(trained)])
-        starts, ends = offsets[:-1], offsets[1:]
-        # A row's first label has no token before it to predict it: never a target.
-        first = np.where(ends > starts, trained[starts], 0)
-        lens, len_offsets = flat("seq_lens")
-        squares = np.concatenate([[0], np.cumsum(lens.astype(np.float64) ** 2)])
-        return cls(tokens=(ends - starts).astype(np.int64), targets=running[ends] - running[starts] - first,
-                   attention=squares[len_offsets[1:]] - squares[len_offsets[:-1]])
+        tokens, targets, attention = [], [], []
+        for batch in table.select(["labels", "seq_lens"]).to_batches(max_chunksize=batch_rows):
+            labels, lens = batch.column("labels"), batch.column("seq_lens")
+            offsets = labels.offsets.to_numpy()
+            starts, ends = offsets[:-1] - offsets[0], offsets[1:] - offsets[0]
+            trained = np.concatenate([pc.list_flatten(labels).to_numpy(zero_copy_only=False) != -100, [False]])
+            running = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
+            # A row's first label has no token before it to predict it: never a target.
+            targets.append(running[ends] - running[starts] - np.where(ends > starts, trained[starts], 0))
+            tokens.append(ends - starts)
+            squares = np.concatenate([[0.0], np.cumsum(pc.list_flatten(lens).to_numpy(zero_copy_only=False)
+                                                       .astype(np.float64) ** 2)])
+            len_offsets = lens.offsets.to_numpy()
+            attention.append(squares[len_offsets[1:] - len_offsets[0]] - squares[len_offsets[:-1] - len_offsets[0]])
+        join = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)  # noqa: E731
+        return cls(tokens=join(tokens, np.int64), targets=join(targets, np.int64), attention=join(attention, np.float64))
 
     def total(self, ids: list[int]) -> tuple[int, int, float]:
         """(tokens, targets, sum of squared example lengths) of these rows."""

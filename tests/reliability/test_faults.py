@@ -55,7 +55,7 @@ def _trajectory(run_dir: Path) -> tuple[list, dict]:
     from safetensors.torch import load_file
 
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    timing = ("tokens_per_sec", "elapsed_s")
+    timing = ("tokens_per_sec", "elapsed_s", "mfu", "peak_mem_mb")  # the machine's, not the run's
     lines = [{k: v for k, v in r.items() if k not in timing} for r in lines]
     return lines, load_file(str(run_dir / "checkpoints" / f"step-{STEPS}" / "trainable.safetensors"))
 
