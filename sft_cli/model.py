@@ -101,9 +101,10 @@ def load_model(cfg: SFTConfig, tokenizer, path: str, *, empty: bool = False, mas
 
     empty=True builds the same model on the meta device without reading a weight: FSDP2 ranks
     shard that, then receive the weights from rank 0 (distributed.load_sharded).
-    masters=False keeps every weight as the checkpoint stores it (bf16 for most): rank 0's copy that
-    FSDP2 ranks receive their float32 shards from, exact, and never the whole model in float32
-    unless the file is float32 itself.
+    masters=False: rank 0's copy that FSDP2 ranks receive their shards from. Full fine-tuning keeps
+    every weight as the checkpoint stores it (bf16 for most: exact float32 masters, and never the
+    whole model in float32 unless the file is); LoRA reads its base in the compute dtype, so its
+    adapters start exactly as in one process.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -113,7 +114,10 @@ def load_model(cfg: SFTConfig, tokenizer, path: str, *, empty: bool = False, mas
     compute = pick_dtype(cfg.model.dtype)
     attn = pick_attention(cfg.model.attn_implementation, dtype=compute)
     full_finetune = cfg.peft.method == "none"
-    dtype = (torch.float32 if full_finetune else compute) if masters else "auto"
+    if masters:
+        dtype = torch.float32 if full_finetune else compute
+    else:  # full FT: as the file stores them (exact masters); LoRA: the base as every other path has it
+        dtype = "auto" if full_finetune else compute
     options = {"trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision}
     try:
         if empty:
