@@ -39,22 +39,22 @@ reliability: install
 	$(PY) tests/reliability/report.py
 
 lint: install
-	.venv/bin/ruff check sft_cli tests
+	.venv/bin/ruff check sft_cli tests bench tools
 
 bench-prepare: install
-	$(PY) -m sft_cli.bench.prepare
-	$(PY) -m sft_cli.bench.prepare --data agentic --rows 20000
+	$(PY) -m bench.prepare
+	$(PY) -m bench.prepare --data agentic --rows 20000
 
 bench-pack: install
-	$(PY) -m sft_cli.bench.pack
+	$(PY) -m bench.pack
 
 bench-train: install
-	$(PY) -m sft_cli.bench.train
+	$(PY) -m bench.train
 
 # 1M generated conversations through sft prepare + sft pack, each under 4 GiB peak RSS (~20 min on 2 cores).
 .PHONY: bench-scale
 bench-scale: install
-	$(PY) -m sft_cli.bench.scale
+	$(PY) -m bench.scale
 
 # The bf16 claims CPU tests cannot make, on one NVIDIA GPU in < 5 min (needs the GPU build of torch in .venv):
 # packed == unpacked per attention backend, AdamW at lr 1e-5, fused-loss memory, throughput, resume drift.

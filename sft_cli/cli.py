@@ -422,7 +422,7 @@ def _run_verb(verb: str, cfg_node, overrides: list[str]) -> dict:
     def body() -> int:
         try:
             _name_sweep_point(cfg_node, overrides)
-            cfg = OmegaConf.to_object(cfg_node)
+            cfg = OmegaConf.to_object(cfg_node)  # a typed SFTConfig: nothing below sees Hydra or OmegaConf
         except OmegaConfBaseException as exc:
             raise _config_error_from_omegaconf(exc) from None
         outcome["run_dir"] = cfg.run_dir  # set first: a failed sweep point is still recorded under its folder
@@ -433,19 +433,46 @@ def _run_verb(verb: str, cfg_node, overrides: list[str]) -> dict:
     return {**outcome, "exit_code": code, "error": LAST_ERROR[0] if code else ""}
 
 
-def _name_sweep_point(cfg_node, overrides: list[str]) -> None:
+def swept_keys(overrides: list[str]) -> list[str]:
+    """Keys whose command-line value lists several points (a,b / glob(...) / range(...)), read with
+    Hydra's own grammar: a quoted path with commas in it or a list of sources is one value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    keys = []
+    for arg in overrides:
+        if "=" not in arg or arg.startswith(("hydra.", "-")):
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue  # the command line was checked before any job ran; nothing to name a point by
+        if override.is_sweep_override():
+            keys.append(override.key_or_group)
+    return keys
+
+
+def _is_sweep_point() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from sft_cli.sweep import point_name, swept_keys
+    return HydraConfig.get().mode == RunMode.MULTIRUN
 
+
+def _name_sweep_point(cfg_node, overrides: list[str]) -> None:
+    """In a sweep, this point's run_dir: sweep.point_run_dir from the keys swept on the command line
+    or in a saved sweep (+sweep=NAME lists them under hydra.sweeper.params) and this job's values."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from sft_cli.sweep import point_run_dir
+
+    if not _is_sweep_point():
+        return
     hydra_cfg = HydraConfig.get()
-    params = hydra_cfg.sweeper.get("params") or {}  # a saved sweep (+sweep=NAME) lists its keys here
-    keys = swept_keys(overrides) + [key for key in params if key not in swept_keys(overrides)]
-    user_run_dir = [arg for arg in overrides if arg.startswith("run_dir=")]
-    if hydra_cfg.mode != RunMode.MULTIRUN or "run_dir" in keys or any("${" in arg for arg in user_run_dir):
-        return  # a single run, or the user names the points' run_dirs themselves
-    cfg_node.run_dir = f"{cfg_node.run_dir}/{point_name(list(hydra_cfg.overrides.task), keys)}"
+    swept = swept_keys(overrides)
+    keys = swept + [key for key in hydra_cfg.sweeper.get("params") or {} if key not in swept]
+    cfg_node.run_dir = point_run_dir(cfg_node.run_dir, keys, list(hydra_cfg.overrides.task), overrides)
 
 
 LAST_ERROR = [""]  # the last error line guarded() printed: a failed sweep point records it
@@ -523,13 +550,16 @@ def main(argv: list[str] | None = None) -> None:
 
     import hydra
     from hydra.core.config_store import ConfigStore
+    from hydra.core.hydra_config import HydraConfig
 
+    from sft_cli import sweep
     from sft_cli.config import SFTConfig
 
     ConfigStore.instance().store(name="sft_schema", node=SFTConfig)
     _register_resolvers()
     workdir = Path(tempfile.mkdtemp(prefix="sft-recipes-"))
     exit_codes: list[int] = []
+    points: list[dict] = []  # a sweep's points as they finish: {overrides, run_dir, exit_code, error}
     saved_argv = sys.argv
     try:
         try:
@@ -548,11 +578,15 @@ def main(argv: list[str] | None = None) -> None:
         def task(cfg) -> dict:
             outcome = _run_verb(verb, cfg, positional)  # as Hydra read them: a quoted path is no sweep
             exit_codes.append(outcome["exit_code"])
+            if _is_sweep_point():
+                points.append({"overrides": list(HydraConfig.get().overrides.task), **outcome})
             return outcome
 
         sys.argv = [f"sft {verb}", *flags, f"hydra.job.name=sft-{verb}", *positional]
         try:
             task()
+            if points:  # every point ran (a failed one is recorded, not raised): summarise the sweep
+                sweep.summarise(points)
         except SystemExit as exc:
             # Hydra exits 1 on composition errors (unknown key, bad type, missing recipe),
             # which happen before any task ran: those are config errors, exit 2.

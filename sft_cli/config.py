@@ -12,18 +12,29 @@ every value with a constrained domain (ranges, choices), also before any work.
 """
 
 import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from sft_cli.errors import ConfigError
 
-# Choices of plain-string fields, owned here (the modules that act on them may import these).
-# Choices owned by other modules are looked up there at validation time (see validate()).
+# The allowed values of every plain-string field, owned here: the modules that act on a value import
+# its list from here (precision.DTYPES maps these names to torch dtypes, schedule.SCHEDULES to
+# functions), so validate() checks them with nothing else loaded and no module checks them again.
+# Fields with a fixed set of values that need no code (loss_on, reasoning_*, ...) are Enums below.
+DTYPES = ("float32", "bfloat16", "float16")  # model.dtype, or auto
+# model.attn_implementation, or auto: the backends that keep packed examples apart given restarting
+# position_ids (see data/collate.py); whether one runs on this machine is model.pick_attention's call.
+ATTENTION_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+PACK_STRATEGIES = ("bfd", "wrapped", "none")  # pack.strategy (data/pack.py)
+SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule (schedule.py)
 PEFT_METHODS = ("lora", "none")
 RESUME_MODES = ("auto", "never")
 PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp")
-MIN_SEQ_LEN = 8  # shorter rows cannot hold a chat template's markers (prepare checks the same)
+# merge.max_shard_size: a number and a unit, as huggingface_hub parses it (500MB, 2GB).
+SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*[KMGT]B\s*$", re.IGNORECASE)
+MIN_SEQ_LEN = 8  # shorter rows cannot hold a chat template's markers
 MAX_SEQ_LEN = 2**31 - 1  # token counts are stored as int32 (data/prepare.py FEATURES)
 MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy seed sequences take non-negative 64-bit ints
 
@@ -399,13 +410,10 @@ def _validate_top(cfg: SFTConfig) -> None:
 
 
 def _validate_model(model: ModelConfig) -> None:
-    # Looked up in model.py (which imports torch) at call time: config.py stays import-light.
-    from sft_cli.model import DTYPES, ISOLATING
-
     _text("model.name_or_path", model.name_or_path, fix="a local HF model folder or a hub id")
     _text("model.tokenizer", model.tokenizer, optional=True)
     _choice("model.dtype", model.dtype, ("auto", *DTYPES))
-    _choice("model.attn_implementation", model.attn_implementation, ("auto", *sorted(ISOLATING)))
+    _choice("model.attn_implementation", model.attn_implementation, ("auto", *ATTENTION_BACKENDS))
     _text("model.revision", model.revision, optional=True)
 
 
@@ -424,6 +432,12 @@ def _validate_source(key: str, src: SourceConfig) -> None:
 def _validate_data(data: DataConfig) -> None:
     for i, src in enumerate(data.sources):
         _validate_source(f"data.sources[{i}]", src)
+    # Weights are shares of the training mix: on every training source or on none (eval sources take no share).
+    train = [(i, src) for i, src in enumerate(data.sources) if src.split == Split.train]
+    unweighted = [i for i, src in train if src.weight is None]
+    if unweighted and len(unweighted) != len(train):
+        raise ConfigError(f"data.sources[{unweighted[0]}].weight", "is unset while other sources have weights",
+                          "give every training source a weight, or none (each example used once)")
     _text("data.chat_template", data.chat_template, optional=True)
     _number("data.eval_fraction", data.eval_fraction, 0, 1, high_open=True, fix="use e.g. 0.05 (0 = no eval split)")
     if data.num_proc is not None:
@@ -431,9 +445,7 @@ def _validate_data(data: DataConfig) -> None:
 
 
 def _validate_pack(pack: PackConfig) -> None:
-    from sft_cli.data.pack import STRATEGIES  # pack.py owns the strategies (and imports datasets)
-
-    _choice("pack.strategy", pack.strategy, STRATEGIES)
+    _choice("pack.strategy", pack.strategy, PACK_STRATEGIES)
 
 
 def _validate_peft(peft: PeftConfig) -> None:
@@ -450,8 +462,6 @@ def _validate_peft(peft: PeftConfig) -> None:
 
 
 def _validate_optim(optim: OptimConfig) -> None:
-    from sft_cli.schedule import SCHEDULES  # schedule.py imports this module: look up at call time
-
     _number("optim.lr", optim.lr, 0, low_open=True, fix="use e.g. 2e-4")
     _number("optim.weight_decay", optim.weight_decay, 0, fix="use e.g. 0.0 or 0.01")
     if len(optim.betas) != 2:
@@ -459,7 +469,7 @@ def _validate_optim(optim: OptimConfig) -> None:
     for i, beta in enumerate(optim.betas):
         _number(f"optim.betas[{i}]", beta, 0, 1, high_open=True, fix="AdamW betas lie in [0, 1), e.g. [0.9,0.999]")
     _number("optim.eps", optim.eps, 0, low_open=True, fix="use e.g. 1e-8")
-    _choice("optim.schedule", optim.schedule, tuple(SCHEDULES))
+    _choice("optim.schedule", optim.schedule, SCHEDULES)
     _int_at_least("optim.warmup_steps", optim.warmup_steps, 0)
     _number("optim.warmup_ratio", optim.warmup_ratio, 0, 1, fix="a fraction of the total steps, e.g. 0.03")
     _number("optim.min_lr_ratio", optim.min_lr_ratio, 0, 1, fix="a fraction of the peak lr, e.g. 0.1")
@@ -521,7 +531,5 @@ def _validate_eval(ev: EvalConfig) -> None:
 
 
 def _validate_merge(merge: MergeConfig) -> None:
-    from sft_cli.merge import SHARD_SIZE  # merge.py owns the size syntax (what huggingface_hub parses)
-
     if not SHARD_SIZE.match(str(merge.max_shard_size)):
-        _fail("merge.max_shard_size", merge.max_shard_size, "is not a size", "use a number and a unit: 500MB, 2GB")
+        _fail("merge.max_shard_size", merge.max_shard_size, "is not a size", "use a number and a unit: 500MB, 2GB, 1TB")

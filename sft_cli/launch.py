@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from sft_cli import console as ui
@@ -39,13 +40,7 @@ def nproc_per_node(cfg: SFTConfig) -> int:
         import torch
 
         return max(torch.cuda.device_count(), 1)
-    try:
-        count = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError("trainer.nproc", f"'{value}' is not a process count", "use a positive int or auto") from None
-    if count < 1:
-        raise ConfigError("trainer.nproc", f"{count} processes", "use a positive int or auto")
-    return count
+    return int(value)  # config.validate() admitted a positive int, or one as a string
 
 
 def should_launch(cfg: SFTConfig) -> bool:
@@ -73,9 +68,7 @@ def rendezvous_endpoint(cfg: SFTConfig) -> str:
             raise ConfigError("trainer.rdzv_endpoint", "is required when trainer.nnodes > 1",
                               "set it to HOST:PORT of node 0, the same on every node")
         return f"127.0.0.1:{_free_port()}"
-    host, _, port = endpoint.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError("trainer.rdzv_endpoint", f"'{endpoint}' is not HOST:PORT", "e.g. 10.0.0.1:29500")
+    host, _, port = endpoint.rpartition(":")  # config.validate() admitted HOST:PORT only
     if cfg.trainer.node_rank == 0 and host in LOCAL_HOSTS | {socket.gethostname()} and not _port_free(int(port)):
         raise ConfigError("trainer.rdzv_endpoint", f"port {port} is already in use on this machine",
                           "pick another port, or leave rdzv_endpoint unset for a free one (single node)")
@@ -97,21 +90,18 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def launch(cfg: SFTConfig) -> int:
+def launch(cfg: SFTConfig, build_data: Callable[[SFTConfig], object]) -> int:
+    """Start this node's workers through torchrun, after `build_data(cfg)` (train passes pack's
+    ensure_packed) built the run's data once, so the workers only read it."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from sft_cli.data.pack import ensure_packed
-
     nproc, nnodes = nproc_per_node(cfg), cfg.trainer.nnodes
-    if not 0 <= cfg.trainer.node_rank < nnodes:
-        raise ConfigError("trainer.node_rank", f"{cfg.trainer.node_rank} is not in [0, {nnodes})",
-                          "give each node a distinct rank from 0 to trainer.nnodes - 1")
     endpoint = rendezvous_endpoint(cfg)
     run_dir = Path(cfg.run_dir)
     with run_lock(run_dir):
-        ensure_packed(cfg)
+        build_data(cfg)
     config_path = run_dir / "config.yaml"
     write_text_atomic(config_path, to_yaml(cfg))
     _set_worker_threads(nproc)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gc
 import json
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -43,7 +42,6 @@ from sft_cli.errors import ConfigError, SFTError, remote_code_refusal
 # not an adapter too small to see through bf16's own noise.
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (0.1, 0.05), torch.bfloat16: (0.5, 0.2)}
 SAMPLES, SAMPLE_LEN = 4, 128
-SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*[KMGT]B\s*$", re.IGNORECASE)  # what huggingface_hub parses
 
 
 def run(cfg: SFTConfig) -> int:
@@ -101,9 +99,6 @@ def check_mergeable(final: Path, out: Path, cfg: SFTConfig) -> None:
                        f"('{final}'))")
     if out.exists() and not cfg.merge.force:
         raise ConfigError("merge.force", f"{out} already exists", "pass merge.force=true to replace it")
-    if not SHARD_SIZE.match(str(cfg.merge.max_shard_size)):
-        raise ConfigError("merge.max_shard_size", f"'{cfg.merge.max_shard_size}' is not a size",
-                          "use a number and a unit: 500MB, 2GB, 1TB")
 
 
 def quantisation(config) -> str | None:

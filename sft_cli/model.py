@@ -11,16 +11,14 @@ import torch
 
 from sft_cli.config import SFTConfig
 from sft_cli.errors import ConfigError, load_error
-from sft_cli.precision import DTYPES, pick_dtype  # noqa: F401  (model.dtype's choices live with the dtype rules)
-
-# Backends that isolate packed examples given restarting position_ids (see data/collate.py).
-ISOLATING = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"}
+from sft_cli.precision import pick_dtype
 
 
 def pick_attention(name: str, training: bool = True, dtype: torch.dtype | None = None) -> str:
     """`auto`: flash varlen on a GPU computing in bf16/fp16 when flash_attn is installed, else SDPA
     (both isolate packed examples). Flash kernels have no float32 path, so a float32 model on a GPU
-    (tiny and debugging configs) gets SDPA."""
+    (tiny and debugging configs) gets SDPA. A named backend (one of config.ATTENTION_BACKENDS, as
+    validate() checked) is refused only where this machine or dtype cannot run it."""
     on_gpu = torch.cuda.is_available()
     if name == "auto":
         # flash-attn 2 runs on Ampere and newer only; older GPUs get SDPA.
@@ -32,9 +30,6 @@ def pick_attention(name: str, training: bool = True, dtype: torch.dtype | None =
             except ImportError:
                 pass
         return "sdpa"
-    if name not in ISOLATING:
-        raise ConfigError("model.attn_implementation", f"'{name}' is not known to keep packed examples apart",
-                          f"use one of {sorted(ISOLATING)} or auto")
     if name == "flex_attention" and not on_gpu and training:
         raise ConfigError("model.attn_implementation", "flex_attention has no backward pass on CPU",
                           "use sdpa (or eager) on CPU")
@@ -164,11 +159,8 @@ def _embedding_module_names(model) -> list[str]:
 
 
 def apply_peft(cfg: SFTConfig, model, added_tokens: bool):
-    method = cfg.peft.method
-    if method == "none":
+    if cfg.peft.method == "none":
         return model
-    if method != "lora":
-        raise ConfigError("peft.method", f"unknown method '{method}'", "use lora or none")
     from peft import LoraConfig, get_peft_model
 
     modules_to_save = cfg.peft.modules_to_save

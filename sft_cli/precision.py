@@ -32,9 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sft_cli.errors import ConfigError
+from sft_cli import config
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# model.dtype's names (config.py owns them) -> torch dtypes.
+DTYPES = {name: getattr(torch, name) for name in config.DTYPES}
 
 
 def pick_dtype(name: str) -> torch.dtype:
@@ -45,9 +46,7 @@ def pick_dtype(name: str) -> torch.dtype:
             # Native bf16 only (Ampere on): emulated bf16 on a V100 / T4 is far slower than float16.
             return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32
-    if name not in DTYPES:
-        raise ConfigError("model.dtype", f"unknown dtype '{name}'", "use float32, bfloat16, float16 or auto")
-    return DTYPES[name]
+    return DTYPES[name]  # config.validate() admitted only these names
 
 
 @dataclass

@@ -1,13 +1,19 @@
 """Sweeps: `sft train -m recipe=demo optim.lr=1e-4,3e-4 seed=0,1` (Hydra multirun, one point after
 another). Each point trains in its own run_dir, named from the swept values under the recipe's
 run_dir (`runs/demo/optim.lr=0.0001,seed=0`: readable, stable, no timestamps), and at the end
-`SweepSummary` (a Hydra callback) writes, next to the points:
+`summarise(points)` writes, next to the points:
 
     sweep.json / sweep.csv    each point: overrides, status (ok / failed + error line), final train
                               loss, best eval loss, tokens/s, wall time, run_dir
     sweep_losses.png          every point's train-loss curve, overlaid
 and prints the points as a table sorted by eval loss. A failed point is recorded and the sweep
 goes on; re-running the sweep skips finished points and resumes unfinished ones.
+
+Plain data in, files out: cli.py reads the command line with Hydra (which keys are swept, each
+point's overrides) and hands this module lists of strings and the points' outcomes.
+
+    point_run_dir("runs/demo", ["optim.lr"], ["optim.lr=0.0001"], ["optim.lr=1e-4,3e-4"])
+    # -> 'runs/demo/optim.lr=0.0001'
 """
 
 from __future__ import annotations
@@ -19,27 +25,14 @@ import math
 import os
 from pathlib import Path
 
-from hydra.experimental.callback import Callback
 
-
-def swept_keys(overrides: list[str]) -> list[str]:
-    """Keys whose command-line value lists several points (a,b / glob(...) / range(...)), read with
-    Hydra's own grammar: a quoted path with commas in it or a list of sources is one value."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    parser = OverridesParser.create()
-    keys = []
-    for arg in overrides:
-        if "=" not in arg or arg.startswith(("hydra.", "-")):
-            continue
-        try:
-            override = parser.parse_override(arg)
-        except HydraException:
-            continue  # the command line was checked before any job ran; nothing to name a point by
-        if override.is_sweep_override():
-            keys.append(override.key_or_group)
-    return keys
+def point_run_dir(run_dir: str, keys: list[str], job_overrides: list[str], user_overrides: list[str]) -> str:
+    """A sweep point's run_dir: `run_dir/<point_name>`, unless the user names the points' run_dirs
+    themselves (run_dir is one of the swept `keys`, or its value is an interpolation)."""
+    user_run_dir = [arg for arg in user_overrides if arg.startswith("run_dir=")]
+    if "run_dir" in keys or any("${" in arg for arg in user_run_dir):
+        return run_dir
+    return f"{run_dir}/{point_name(job_overrides, keys)}"
 
 
 def point_name(job_overrides: list[str], keys: list[str]) -> str:
@@ -54,30 +47,19 @@ def point_name(job_overrides: list[str], keys: list[str]) -> str:
     return name if name.strip(".") else "point"
 
 
-class SweepSummary(Callback):
-    """Collects every job's outcome (the task returns a dict) and summarises the sweep at its end."""
-
-    def __init__(self) -> None:
-        self.points: list[dict] = []
-
-    def on_job_end(self, config, job_return, **kwargs) -> None:
-        outcome = job_return.return_value if isinstance(job_return.return_value, dict) else {}
-        overrides = list(job_return.overrides or [])
-        self.points.append({"overrides": overrides, **outcome})
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        if not self.points:
-            return
-        rows = [summarise_point(p) for p in self.points]
-        dirs = [Path(r["run_dir"]).resolve() for r in rows if r.get("run_dir")]
-        if not dirs:
-            return
-        root = Path(os.path.commonpath([str(d.parent) for d in dirs]))
-        write_summary(root, rows)
+def summarise(points: list[dict]) -> None:
+    """Write the sweep's summary beside its points (their run_dirs' common parent). `points`: one
+    dict per point, in the order they ran: {overrides: [...], run_dir, exit_code, error}."""
+    rows = [summarise_point(p) for p in points]
+    dirs = [Path(r["run_dir"]).resolve() for r in rows if r.get("run_dir")]
+    if not dirs:
+        return
+    root = Path(os.path.commonpath([str(d.parent) for d in dirs]))
+    write_summary(root, rows)
 
 
 def summarise_point(point: dict) -> dict:
-    run_dir = Path(point.get("run_dir", ""))
+    run_dir = Path(point.get("run_dir") or "")
     lines = []
     metrics = run_dir / "metrics.jsonl"
     if point.get("run_dir") and metrics.exists():

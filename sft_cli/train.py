@@ -39,7 +39,7 @@ from sft_cli.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from sft_cli.config import PARALLEL_STRATEGIES, RESUME_MODES, SFTConfig, to_yaml
+from sft_cli.config import SFTConfig, to_yaml
 from sft_cli.data.collate import VARLEN_BACKENDS, Collator, model_inputs, pin
 from sft_cli.data.pack import ensure_packed
 from sft_cli.data.prepare import load_prepared_tokenizer
@@ -78,7 +78,7 @@ def run(cfg: SFTConfig) -> int:
     from sft_cli import launch
 
     if launch.should_launch(cfg):
-        return launch.launch(cfg)  # N workers through torchrun, each comes back here as a rank
+        return launch.launch(cfg, ensure_packed)  # N workers through torchrun, each comes back here as a rank
     with process_group(cfg.trainer.dist_timeout_s) as w:
         if not w.is_main:
             ui.silence()
@@ -92,8 +92,6 @@ def parallel_strategy(cfg: SFTConfig, total_params: int) -> str:
     strategy = cfg.trainer.parallel
     if strategy == "auto":
         return "fsdp" if cfg.peft.method == "none" and total_params >= 1_000_000_000 else "ddp"
-    if strategy not in PARALLEL_STRATEGIES:
-        raise ConfigError("trainer.parallel", f"unknown strategy '{strategy}'", "use ddp, fsdp or auto")
     return strategy
 
 
@@ -333,8 +331,6 @@ def train(cfg: SFTConfig) -> int:
         precision.load_state_dict(state.get("loss_scale", {}))
         step = state["step"]
         ui.err.print(f"[green]resuming[/] from {resume_from} (step {step} of {total_steps})")
-    elif cfg.trainer.resume not in RESUME_MODES:
-        raise ConfigError("trainer.resume", f"unknown value '{cfg.trainer.resume}'", "use auto or never")
     elif w.is_main and (run_dir / "checkpoints").exists():
         shutil.rmtree(run_dir / "checkpoints")  # starting over: old checkpoints would mix two runs
     metrics_path = run_dir / "metrics.jsonl"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft_cli.bench.loss import SIDES, forward_backward, peak_extra_mb
+from bench.loss import SIDES, forward_backward, peak_extra_mb
 from sft_cli.loss import _is_plain_linear, linear_ce_sum, plain_ce_sum
 
 REPO = Path(__file__).resolve().parent.parent

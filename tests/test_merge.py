@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft_cli.merge import SHARD_SIZE, compare, quantisation
+from sft_cli.config import SHARD_SIZE
+from sft_cli.merge import compare, quantisation
 from tests.conftest import _run_sft, write_chat_jsonl
 
 slow = pytest.mark.slow

@@ -73,7 +73,7 @@ def test_a_run_replays_from_its_saved_config(data, tmp_path, sft):
 
 
 def test_swept_keys_read_the_command_line_as_hydra_does():
-    from sft_cli.sweep import swept_keys
+    from sft_cli.cli import swept_keys
 
     assert swept_keys(["optim.lr=1e-4,3e-4", "run_dir='runs/a,b'", "data.sources=[{path: a}, {path: b}]",
                        "seed=range(0,2)", "+peft.r=4,8", "hydra.searchpath=[file:///x]", "max_seq_len=128"]) \

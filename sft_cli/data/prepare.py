@@ -60,23 +60,12 @@ FEATURES = datasets.Features({
 })
 
 
-def validate(cfg: SFTConfig) -> None:
+def _check_sources(cfg: SFTConfig) -> None:
+    """What only prepare needs of the sources (config.validate() checked every value already):
+    at least one, and distinct names, as data/sources.py names them (the file stem by default)."""
     data = cfg.data
     if not data.sources:
         raise ConfigError("data.sources", "is empty", "add at least one {path: ..., format: auto} entry")
-    if not 0 <= data.eval_fraction < 1:
-        raise ConfigError("data.eval_fraction", f"{data.eval_fraction} is outside [0, 1)", "use e.g. 0.05")
-    if cfg.max_seq_len < 8:
-        raise ConfigError("max_seq_len", f"{cfg.max_seq_len} is too small", "use e.g. 2048")
-    train = [(i, s) for i, s in enumerate(data.sources) if s.split.value == "train"]
-    weighted = [i for i, s in train if s.weight is not None]
-    if weighted and len(weighted) != len(train):
-        missing = next(i for i, s in train if s.weight is None)
-        raise ConfigError(f"data.sources[{missing}].weight", "is unset while other sources have weights",
-                          "give every training source a weight, or none (each example used once)")
-    for i, s in train:
-        if s.weight is not None and s.weight <= 0:
-            raise ConfigError(f"data.sources[{i}].weight", f"{s.weight} must be > 0", "drop the source instead")
     names = [source_name(s, i) for i, s in enumerate(data.sources)]
     duplicates = [n for n, c in Counter(names).items() if c > 1]
     if duplicates:
@@ -101,7 +90,7 @@ def prepare_fingerprint(cfg: SFTConfig, tokenizer) -> str:
 
 
 def run(cfg: SFTConfig) -> int:
-    validate(cfg)
+    _check_sources(cfg)
     run_dir = Path(cfg.run_dir)
     out = run_dir / "prepared"
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.data.chat_template,

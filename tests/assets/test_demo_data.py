@@ -1,4 +1,4 @@
-"""The shipped demo data files (built by sft_cli.assets.build_demo_data) are well formed."""
+"""The shipped demo data files (built by tools/build_demo_data.py) are well formed."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def run_battery(results: Path, examples: int) -> int:
 
 
 def run_scale(out: Path, rows: int) -> dict | None:
-    code = subprocess.run([sys.executable, "-m", "sft_cli.bench.scale", "--rows", str(rows), "--json", str(out)],
+    code = subprocess.run([sys.executable, "-m", "bench.scale", "--rows", str(rows), "--json", str(out)],
                           cwd=REPO).returncode
     if not out.exists():
         return {"passed": False, "error": f"exit code {code}"}
@@ -123,7 +123,7 @@ def render(records: list[dict], scale: dict | None, command: str) -> str:
                       f"{'pass' if scale['pack']['peak_rss_mb'] < limit else 'FAIL'} |",
                       "", f"prepare kept {scale['prepare'].get('kept', 0):,} and rejected {scale['prepare'].get('rejected', 0):,} "
                       f"of {scale['prepare'].get('read', 0):,} rows read (kept + rejected = read). "
-                      "Command: `python -m sft_cli.bench.scale` (also in BENCHMARKS.md)."]
+                      "Command: `python -m bench.scale` (also in BENCHMARKS.md)."]
         else:
             parts += [f"scale run failed: {scale.get('error')}"]
     return "\n".join(parts) + "\n"
@@ -134,7 +134,7 @@ def main() -> int:
     parser.add_argument("--examples", type=int, default=300, help="hypothesis examples per property")
     parser.add_argument("--no-scale", action="store_true", help="skip the 1M-row prepare + pack run")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the scale run")
-    parser.add_argument("--scale-json", help="use this `sft_cli.bench.scale --json` result instead of a new run")
+    parser.add_argument("--scale-json", help="use this `bench.scale --json` result instead of a new run")
     parser.add_argument("--out", default=str(REPO / "RELIABILITY.md"))
     parser.add_argument("--results", default=str(REPO / "runs" / "reliability" / "results.jsonl"),
                         help="where the battery's per-test results go (kept for --render-only)")

@@ -360,6 +360,7 @@ NASTY = [
     # sources: the indexed key
     (["data.sources=[{path: x.jsonl, weight: -1}]"], "data.sources[0].weight"),
     (["data.sources=[{path: a.jsonl, weight: 1}, {path: b.jsonl, weight: -1}]"], "data.sources[1].weight"),
+    (["data.sources=[{path: a.jsonl, weight: 1}, {path: b.jsonl}]"], "data.sources[1].weight"),  # all or none
     (["eval.sources=[{path: ''}]"], "eval.sources[0].path"),
     # recipes
     (["recipe=nope"], "recipe"), (["recipe=/nonexistent/mine.yaml"], "/nonexistent/mine.yaml"),
@@ -382,6 +383,7 @@ VALID_EDGES = [
     "trainer.keep_last=0", "peft.dropout=0", "eval.top_p=1", "eval.num_prompts=0", "data.num_proc=null",
     "peft.target_modules=[q_proj,v_proj]", "trainer.rdzv_endpoint=10.0.0.1:29500", "peft=none",
     "model.dtype=bfloat16", "data.sources=[{path: a.jsonl, weight: 0.5}, {path: b.jsonl, weight: 2}]",
+    "data.sources=[{path: a.jsonl, weight: 1}, {path: b.jsonl, split: eval}]",  # eval data takes no share
 ]
 
 

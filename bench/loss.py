@@ -26,18 +26,15 @@ untimed small run; the relative gradient difference from plain, max |grad - plai
 |plain grad| over the hidden and weight gradients (and the same for the loss). "one chunk MB" is the fused loss's
 bound: one chunk of float32 logits, chunk x vocab x 4 bytes.
 
-    python -m sft_cli.bench.loss                 # ~2 min on 2 idle cores, ~10 on busy ones; writes BENCHMARKS.md "## loss ..."
-    python -m sft_cli.bench.loss --tokens 1024 --repeats 1 --no-write
+    python -m bench.loss                 # ~2 min on 2 idle cores, ~10 on busy ones; writes BENCHMARKS.md "## loss ..."
+    python -m bench.loss --tokens 1024 --repeats 1 --no-write
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import math
-import os
-import platform
 import re
 import resource
 import time
@@ -45,9 +42,10 @@ from pathlib import Path
 
 import torch
 
-from sft_cli.bench import REPO, markdown, write_section
+from bench.common import machine, markdown, write_section
 from sft_cli.loss import DEFAULT_CHUNK, linear_ce_sum, plain_ce_sum
 
+PROG = "python -m bench.loss"
 SECTION = "loss (fused LM head + cross-entropy)"
 SHAPES = ((576, 49_152), (128, 131_072))  # (hidden, vocab): SmolLM2-135M, then Llama 3's vocabulary
 
@@ -151,16 +149,6 @@ def table_rows(results: list[dict]) -> list[list[str]]:
              f"{r['cpu_seconds']:.2f}", f"{r['grad_diff']:.1e}", f"{r['loss_diff']:.1e}"] for r in results]
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{len(os.sched_getaffinity(0))} cores (nproc; {cpu}), {torch.get_num_threads()} torch threads, "
-            f"Python {platform.python_version()}, torch {torch.__version__}; "
-            f"{datetime.datetime.now(datetime.timezone.utc).date().isoformat()}; "
-            f"load average at the end of the run {load} (1, 5, 15 min)")
-
-
 def section(results: list[dict], command: str) -> str:
     return "\n".join([
         f"## {SECTION}",
@@ -169,7 +157,7 @@ def section(results: list[dict], command: str) -> str:
         "backward (gradients of hidden and head weight): `plain` = full logits + `F.cross_entropy`; `chunked` = "
         "sft's loss before this one (the same 2,048 rows at a time, every chunk's log-softmax kept for backward); "
         f"`fused` = `sft_cli.loss.linear_ce_sum` (chunks of {DEFAULT_CHUNK:,} rows, each chunk's gradient computed "
-        "in the forward, one logits buffer reused by every chunk). See the docstring of `sft_cli/bench/loss.py`.",
+        "in the forward, one logits buffer reused by every chunk). See the docstring of `bench/loss.py`.",
         "",
         "- **peak extra MB**: the process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs "
         "just before the forward) minus its resident memory then; gradients included. **one chunk MB**: "
@@ -183,24 +171,23 @@ def section(results: list[dict], command: str) -> str:
         "",
         f"Command: `{command}`.",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {machine(('torch',), torch_threads=True, load=True)}.",
         "",
     ])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sft_cli.bench.loss", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096, help="trained tokens (rows of hidden states)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per side; the fastest is kept")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
     results = [row for hidden, vocab in SHAPES for row in run_shape(args.tokens, hidden, vocab, args.repeats)]
     print(markdown(HEADER, table_rows(results)))
-    command = "python -m sft_cli.bench.loss" + "".join(
+    command = PROG + "".join(
         f" --{k} {getattr(args, k)}" for k, v in (("tokens", 4096), ("repeats", 2)) if getattr(args, k) != v)
     if not args.no_write:
-        write_section(REPO / "BENCHMARKS.md", SECTION, section(results, command))
-        print(f"wrote the loss section of {REPO / 'BENCHMARKS.md'}")
+        print(f"wrote the loss section of {write_section(SECTION, section(results, command))}")
 
 
 if __name__ == "__main__":

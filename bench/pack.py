@@ -26,9 +26,9 @@ checked: each example exactly once, whole (nothing split or truncated; `wrapped`
 it split), no row over 2048 tokens, and for `sft pack` and TRL the packed tokens are compared with
 the source. Results go to the "## pack" section of BENCHMARKS.md and a table on the terminal.
 
-    python -m sft_cli.bench.pack                          # 10k, 100k, 1M (make bench-pack), ~5 min
-    python -m sft_cli.bench.pack --sizes 10000 100000     # smaller
-    python -m sft_cli.bench.pack --repeat 3               # every run three times, the fastest kept
+    python -m bench.pack                          # 10k, 100k, 1M (make bench-pack), ~5 min
+    python -m bench.pack --sizes 10000 100000     # smaller
+    python -m bench.pack --repeat 3               # every run three times, the fastest kept
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,8 +45,17 @@ from pathlib import Path
 
 import numpy as np
 
-from sft_cli.bench import REPO, markdown, write_section
+from bench.common import (
+    last_json,
+    machine,
+    markdown,
+    print_table,
+    run_measured,
+    subprocess_env,
+    write_section,
+)
 
+PROG = "python -m bench.pack"
 MAX_SEQ_LEN = 2048
 SEED = 0
 VOCAB = 49_152
@@ -273,17 +281,13 @@ def worker(spec: dict) -> dict:
 
 
 def run_worker(spec: dict, tmp: Path) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp / "cache"),
-           "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "sft_cli.bench.pack", "--worker", json.dumps(spec)]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark worker failed (exit {proc.returncode}): {spec}\n{proc.stdout[-2000:]}\n"
-                         f"{proc.stderr[-4000:]}")
-    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("{"))
-    return {**json.loads(line), "process_s": wall}
+    """One configuration in a fresh subprocess: what it reports, and its wall seconds as process_s."""
+    env = subprocess_env(HF_DATASETS_CACHE=str(tmp / "cache"), TMPDIR=str(tmp))
+    log = tmp / "worker.log"
+    # No tree sampling: the worker times itself, and a sampler would share the cores with it.
+    result = run_measured([sys.executable, "-m", "bench.pack", "--worker", json.dumps(spec)], env=env, log=log,
+                          sample_tree=False)
+    return {**last_json(log.read_text()), "process_s": result["wall_s"]}
 
 
 # -- driver and report ----------------------------------------------------------------------------
@@ -371,21 +375,6 @@ def goals(results: list[dict]) -> list[str]:
     return lines
 
 
-def machine() -> str:
-    import datetime
-    import platform
-    from importlib import metadata
-
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("numpy", "pyarrow", "datasets", "trl"))
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {versions}; "
-            f"{datetime.date.today().isoformat()}; load average at the end of the run {load} (1, 5, 15 min)")
-
-
 def section(results: list[dict], sizes: list[int], repeat: int, trl_one_batch_max: int, pack_max: int,
             command: str) -> str:
     skipped = [f"{TASKS[t][0]} at {n:,}" for n in sizes for t in TASKS if t not in tasks_for(n, trl_one_batch_max,
@@ -444,11 +433,11 @@ def section(results: list[dict], sizes: list[int], repeat: int, trl_one_batch_ma
         markdown(VS_HEADER, versus(results)), "",
         *(f"- {n}" for n in notes), "",
         f"Command: `{command}` (`make bench-pack` runs the default sizes).", "",
-        f"Machine: {machine()}.", ""])
+        f"Machine: {machine(('numpy', 'pyarrow', 'datasets', 'trl'), load=True)}.", ""])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sft_cli.bench.pack", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="numbers of examples")
     parser.add_argument("--repeat", type=int, default=1, help="run every configuration N times, keep the fastest")
     parser.add_argument("--trl-one-batch-max", type=int, default=DEFAULT_TRL_ONE_BATCH_MAX,
@@ -462,30 +451,24 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     sizes = sorted(set(args.sizes))
     results = benchmark(sizes, args.repeat, args.trl_one_batch_max, args.sft_pack_max, console)
     for title, header, body in ((f"sft pack vs TRL bfd (max_seq_len {MAX_SEQ_LEN})", HEADER, table_rows(results)),
                                 ("ours vs TRL's default bfd", VS_HEADER, versus(results))):
-        table = Table(title=title)
-        for column in header:
-            table.add_column(column, justify="left" if column == "side" else "right")
-        for row in body:
-            table.add_row(*row)
-        console.print(table)
+        print_table(console, title, header, body, left=("side",))
     for line in goals(results):
         console.print(line)
-    command = "python -m sft_cli.bench.pack" + (
+    command = PROG + (
         f" --sizes {' '.join(map(str, sizes))}" if sizes != list(DEFAULT_SIZES) else "") + (
         f" --repeat {args.repeat}" if args.repeat > 1 else "") + (
         f" --trl-one-batch-max {args.trl_one_batch_max}" if args.trl_one_batch_max != DEFAULT_TRL_ONE_BATCH_MAX
         else "") + (f" --sft-pack-max {args.sft_pack_max}" if args.sft_pack_max != max(DEFAULT_SIZES) else "")
     if not args.no_write:
-        write_section(REPO / "BENCHMARKS.md", "pack", section(results, sizes, args.repeat, args.trl_one_batch_max,
-                                                              args.sft_pack_max, command))
-        console.print(f"wrote the pack section of {REPO / 'BENCHMARKS.md'}")
+        path = write_section("pack", section(results, sizes, args.repeat, args.trl_one_batch_max, args.sft_pack_max,
+                                             command))
+        console.print(f"wrote the pack section of {path}")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ compute) and with assistant_only_loss=True on a copy of the same chat template w
 Throughput, token counts, peak memory and the speed ratio go into the "## prepare" section of
 BENCHMARKS.md and a table on the terminal.
 
-    python -m sft_cli.bench.prepare             # 100,000 rows, ~10 minutes on 2 cores (make bench-prepare)
-    python -m sft_cli.bench.prepare --quick     # 10,000 rows
-    python -m sft_cli.bench.prepare --repeat 2  # every configuration twice, the faster run kept
-    python -m sft_cli.bench.prepare --data agentic --rows 5000   # tool calls + reasoning on Qwen3's template
+    python -m bench.prepare             # 100,000 rows, ~10 minutes on 2 cores (make bench-prepare)
+    python -m bench.prepare --quick     # 10,000 rows
+    python -m bench.prepare --repeat 2  # every configuration twice, the faster run kept
+    python -m bench.prepare --data agentic --rows 5000   # tool calls + reasoning on Qwen3's template
+    python -m bench.prepare --rows 200 --no-write        # a quick check: BENCHMARKS.md untouched
 
 `--data agentic` generates tool-calling conversations with reasoning (a `tools` list, calls with
 arguments, tool results, `reasoning_content` on every reply, two user turns) and prepares them on
@@ -31,126 +32,36 @@ calls and reasoning)".
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from sft_cli.bench import REPO, markdown, write_section
+from bench.common import (
+    FALLBACK_MODEL,
+    SEED,
+    generate,
+    last_json,
+    machine,
+    markdown,
+    marked_template,
+    pick_model,
+    print_table,
+    prose,
+    run_measured,
+    subprocess_env,
+    write_section,
+)
 
+PROG = "python -m bench.prepare"
 MAX_SEQ_LEN = 2048
-SEED = 0
-PREFERRED_MODEL, FALLBACK_MODEL = "builtin:smollm2-135m-instruct", "builtin:tiny-llama-chatml"
-# Frequent words first: they are drawn with Zipf weights, so text has the repetition of real English.
-WORDS = np.array("""
-the of and to a in is it you that he was for on are with as I his they be at one have this from or had by
-not word but what some we can out other were all there when up use your how said an each she which do their
-time if will way about many then them write would like so these her long make thing see him two has look
-more day could go come did number sound no most people my over know water than call first who may down side
-been now find any new work part take get place made live where after back little only round man year came
-show every good me give our under name very through just form sentence great think say help low line differ
-turn cause much mean before move right boy old too same tell does set three want air well also play small end
-put home read hand port large spell add even land here must big high such follow act why ask men change went
-light kind off need house picture try us again animal point mother world near build self earth father head
-stand own page should country found answer school grow study still learn plant cover food sun four between
-state keep eye never last let thought city tree cross farm hard start might story saw far sea draw left late
-run while press close night real life few north open seem together next white children begin got walk example
-ease paper group always music those both mark often letter until mile river car feet care second book carry
-took science eat room friend began idea fish mountain stop once base hear horse cut sure watch color face wood
-main enough plain girl usual young ready above ever red list though feel talk bird soon body dog family direct
-leave song measure door product black short numeral class wind question happen complete ship area half rock
-order fire south problem piece told knew pass since top whole king space heard best hour better true during
-hundred five remember step early hold west ground interest reach fast verb sing listen six table travel less
-morning ten simple several vowel toward war lay against pattern slow center love person money serve appear
-road map rain rule govern pull cold notice voice unit power town fine certain fly fall lead cry dark machine
-note wait plan figure star box noun field rest correct able pound done beauty drive stood contain front teach
-week final gave green quick develop ocean warm free minute strong special mind behind clear tail produce fact
-street inch multiply nothing course stay wheel full force blue object decide surface deep moon island foot
-system busy test record boat common gold possible plane stead dry wonder laugh thousand ago ran check game
-shape equate miss brought heat snow tire bring distant fill east paint language among grand ball yet wave
-drop heart present heavy dance engine position arm wide sail material size vary settle speak weight general
-ice matter circle pair include divide syllable felt perhaps pick sudden count square reason length represent
-art subject region energy hunt probable bed brother egg ride cell believe fraction forest sit race window store
-summer train sleep prove lone exercise wall catch mount wish sky board joy winter written wild instrument kept
-glass grass cow job edge sign visit past soft fun bright gas weather month million bear finish happy hope
-flower clothe strange gone jump baby eight village meet root buy raise solve metal whether push seven
-paragraph third shall held hair describe cook floor either result burn hill safe cat century consider type
-law bit coast copy phrase silent tall sand soil roll temperature finger industry value fight lie beat excite
-natural view sense ear else quite broke case middle kill son lake moment scale loud spring observe child
-straight consonant nation dictionary milk speed method organ pay age section dress cloud surprise quiet stone
-tiny climb cool design poor lot experiment bottom key iron single stick flat twenty skin smile crease hole
-trade melody trip office receive row mouth exact symbol die least trouble shout except wrote seed tone join
-suggest clean break lady yard rise bad blow oil blood touch grew cent mix team wire cost lost brown wear garden
-equal sent choose fell fit flow fair bank collect save control decimal gentle woman captain practice separate
-difficult doctor please protect noon whose locate ring character insect caught period indicate radio spoke
-atom human history effect electric expect crop modern element hit student corner party supply bone rail
-imagine provide agree thus capital chair danger fruit rich thick soldier process operate guess necessary sharp
-wing create neighbor wash bat rather crowd corn compare poem string bell depend meat rub tube famous dollar
-stream fear sight thin triangle planet hurry chief colony clock mine tie enter major fresh search send yellow
-gun allow print dead spot desert suit current lift rose continue block chart hat sell success company subtract
-event particular deal swim term opposite wife shoe shoulder spread arrange camp invent cotton born determine
-quart nine truck noise level chance gather shop stretch throw shine property column molecule select wrong gray
-repeat require broad prepare salt nose plural anger claim continent oxygen sugar death pretty skill women
-season solution magnet silver thank branch match suffix especially fig afraid huge sister steel discuss forward
-similar guide experience score apple bought led pitch coat mass card band rope slip win dream evening condition
-feed tool total basic smell valley nor double seat arrive master track parent shore division sheet substance
-favor connect post spend chord fat glad original share station dad bread charge proper bar offer segment slave
-duck instant market degree populate chick dear enemy reply drink occur support speech nature range steam motion
-path liquid log meant quotient teeth shell neck 2 3 10 12 42 100 2024
-""".split(), dtype=object)
-ZIPF = 1.0 / np.arange(1, len(WORDS) + 1) ** 1.05
-ZIPF /= ZIPF.sum()
-SYSTEM_PROMPTS = [
-    "You are a helpful assistant.",
-    "You are a concise assistant. Answer in plain English and keep it short.",
-    "You are a patient teacher who explains every step of the reasoning.",
-    "You are an expert travel guide. Be friendly and specific.",
-]
-
-
-# -- data -----------------------------------------------------------------------------------------
-def _text(rng: np.random.Generator, n_words: int) -> str:
-    words = WORDS[rng.choice(len(WORDS), n_words, p=ZIPF)].tolist()
-    sentences, i = [], 0
-    while i < n_words:
-        k = int(rng.integers(6, 22))
-        sentence = " ".join(words[i:i + k])
-        sentences.append(sentence[0].upper() + sentence[1:] + (". " if rng.random() < 0.85 else "? "))
-        i += k
-    return "".join(sentences).strip()
-
-
-def generate(path: Path, rows: int, seed: int = SEED) -> None:
-    """`rows` conversations: 75% one turn, 18% two, 7% three; 20% with a system prompt; user prompts
-    ~20 words, replies lognormal around 150 words, capped so every row fits max_seq_len."""
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as handle:
-        for _ in range(rows):
-            turns = int(rng.choice([1, 2, 3], p=[0.75, 0.18, 0.07]))
-            messages = []
-            if rng.random() < 0.2:
-                system = SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))]
-                messages.append({"role": "system", "content": system})
-            for _ in range(turns):
-                prompt_words = int(np.clip(rng.lognormal(np.log(20), 0.6), 4, 80))
-                # ~1,100 words of replies per row stay under 2,048 tokens with a 49k BPE vocab.
-                reply_words = int(np.clip(rng.lognormal(np.log(150), 0.7), 5, 1100 // turns))
-                messages += [{"role": "user", "content": _text(rng, prompt_words)},
-                             {"role": "assistant", "content": _text(rng, reply_words)}]
-            handle.write(json.dumps({"messages": messages}) + "\n")
-
-
+PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "trl")  # versions on the Machine line
 CITIES = ["Paris", "Lima", "Oslo", "Kyoto", "Cairo", "Quito", "Perth", "Dakar"]
 AGENT_TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city.",
@@ -176,17 +87,17 @@ def generate_agentic(path: Path, rows: int, seed: int = SEED) -> None:
                                                              "unit": "celsius"}}})
                 else:
                     calls.append({"id": f"c{i}_{k}", "type": "function", "function": {
-                        "name": "search", "arguments": json.dumps({"query": _text(rng, 6)})}})  # JSON text
-            messages = [{"role": "user", "content": _text(rng, int(rng.integers(8, 40)))},
+                        "name": "search", "arguments": json.dumps({"query": prose(rng, 6)})}})  # JSON text
+            messages = [{"role": "user", "content": prose(rng, int(rng.integers(8, 40)))},
                         {"role": "assistant", "content": None, "tool_calls": calls,
-                         "reasoning_content": _text(rng, int(rng.integers(20, 120)))}]
-            messages += [{"role": "tool", "tool_call_id": c["id"], "content": _text(rng, int(rng.integers(10, 60)))}
+                         "reasoning_content": prose(rng, int(rng.integers(20, 120)))}]
+            messages += [{"role": "tool", "tool_call_id": c["id"], "content": prose(rng, int(rng.integers(10, 60)))}
                          for c in calls]
-            messages += [{"role": "assistant", "content": _text(rng, int(rng.integers(20, 150))),
-                          "reasoning_content": _text(rng, int(rng.integers(20, 150)))},
-                         {"role": "user", "content": _text(rng, int(rng.integers(5, 30)))},
-                         {"role": "assistant", "content": _text(rng, int(rng.integers(20, 150))),
-                          "reasoning_content": _text(rng, int(rng.integers(20, 150)))}]
+            messages += [{"role": "assistant", "content": prose(rng, int(rng.integers(20, 150))),
+                          "reasoning_content": prose(rng, int(rng.integers(20, 150)))},
+                         {"role": "user", "content": prose(rng, int(rng.integers(5, 30)))},
+                         {"role": "assistant", "content": prose(rng, int(rng.integers(20, 150))),
+                          "reasoning_content": prose(rng, int(rng.integers(20, 150)))}]
             handle.write(json.dumps({"tools": AGENT_TOOLS, "messages": messages}) + "\n")
 
 
@@ -196,83 +107,14 @@ def trl_template(name: str) -> Path:
     return Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja"
 
 
-# -- tokenizer ------------------------------------------------------------------------------------
-def pick_model() -> tuple[str, str, str]:
-    """(builtin name, its folder, a note): SmolLM2's real 49k-token tokenizer, else the tiny one."""
-    import importlib.util
-
-    from sft_cli.assets import resolve_model
-
-    try:
-        if importlib.util.find_spec("sft_cli.assets.smollm2") is None:
-            raise ImportError("sft_cli.assets.smollm2 is missing")
-        return PREFERRED_MODEL, resolve_model(PREFERRED_MODEL), ""
-    except Exception as exc:  # the package or module is absent: still benchmark, but say so loudly
-        note = (f"SmolLM2 tokenizer unavailable ({type(exc).__name__}: {str(exc)[:120]}); fell back to "
-                f"{FALLBACK_MODEL} (512-token BPE: ~3x more tokens per word than a real tokenizer).")
-        return FALLBACK_MODEL, resolve_model(FALLBACK_MODEL), note
-
-
-def marked_template(tokenizer, conversations: list[list[dict]]) -> str | None:
-    """The tokenizer's ChatML template with `{% generation %}` around each reply + `<|im_end|>` (what
-    both sides then train on), or None when the copy does not render these conversations identically."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "zq"}], tokenize=False)
-    prefix = text[:text.find("<|im_start|>user")]  # a default system prompt the template inserts
-    marked = (
-        "{%- for message in messages -%}"
-        "{%- if loop.first and message['role'] != 'system' -%}{{- " + json.dumps(prefix) + " -}}{%- endif -%}"
-        "{%- if message['role'] == 'assistant' -%}"
-        "{{- '<|im_start|>assistant\\n' -}}{% generation %}{{- message['content'] + '<|im_end|>' -}}"
-        "{% endgeneration %}{{- '\\n' -}}"
-        "{%- else -%}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-        "{%- endif -%}{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
-    for messages in conversations:
-        for gen, msgs in ((False, messages), (True, messages[:-1])):
-            render = [tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=t)
-                      for t in (None, marked)]
-            if render[0] != render[1]:
-                return None
-    return marked
-
-
 # -- measurement ----------------------------------------------------------------------------------
 def measure(cmd: list[str], tmp: Path, log: Path) -> dict:
-    """Run `cmd` in `tmp` with a fresh datasets cache; wall seconds from spawn to exit, the largest
-    process's peak RSS (wait4, exact) and the peak RSS summed over the process tree (workers
-    included; psutil, sampled every 50 ms)."""
-    import psutil
-
-    cache = Path(tempfile.mkdtemp(prefix="cache-", dir=tmp))  # nothing from an earlier run is reused
-    # One tokenizer thread: num_proc is then the number of cores each side uses.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=out, stderr=subprocess.STDOUT)
-    peak_tree, done = [0], threading.Event()
-
-    def sample() -> None:
-        root = psutil.Process(proc.pid)
-        while not done.wait(0.05):
-            try:
-                tree = [root, *root.children(recursive=True)]
-                peak_tree[0] = max(peak_tree[0], sum(p.memory_info().rss for p in tree))
-            except psutil.Error:  # a worker exited between listing and reading
-                pass
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)  # wait4, not Popen.wait: it also returns the child's rusage
-    wall = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    shutil.rmtree(cache, ignore_errors=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark command failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                         + log.read_text()[-3000:])
-    return {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024, "tree_rss_mb": peak_tree[0] / 2**20}
+    """run_measured in `tmp` with a fresh datasets cache: nothing from an earlier run is reused."""
+    cache = Path(tempfile.mkdtemp(prefix="cache-", dir=tmp))
+    try:
+        return run_measured(cmd, env=subprocess_env(HF_DATASETS_CACHE=str(cache)), cwd=tmp, log=log)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def _ours_cmd(model: str, data: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -311,14 +153,12 @@ def run_trl(tokenizer_dir: str, model_dir: str, data: Path, num_proc: int, templ
     """TRL on `template` (None: the tokenizer's own); assistant_only_loss defaults to "a template was given"."""
     assistant_only = bool(template) if assistant_only is None else assistant_only
     name = f"trl-{'assistant' if assistant_only else 'all'}-{num_proc}"
-    cmd = [sys.executable, "-m", "sft_cli.bench.prepare", "--trl-worker", json.dumps({
+    cmd = [sys.executable, "-m", "bench.prepare", "--trl-worker", json.dumps({
         "data": str(data), "tokenizer": tokenizer_dir, "model": model_dir, "num_proc": num_proc,
         "template": str(template) if template else None, "assistant_only": assistant_only,
         "output_dir": str(tmp / name)})]
     log = tmp / f"{name}.log"
-    result = measure(cmd, tmp, log)
-    line = next(x for x in reversed(log.read_text().splitlines()) if x.startswith("{"))
-    return {**result, **json.loads(line)}
+    return {**measure(cmd, tmp, log), **last_json(log.read_text())}
 
 
 def trl_worker(spec: dict) -> None:
@@ -361,15 +201,6 @@ def trl_worker(spec: dict) -> None:
 
 
 # -- report ---------------------------------------------------------------------------------------
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "datasets", "tokenizers", "trl"))
-    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {versions}; "
-            f"{datetime.date.today().isoformat()}")
-
-
 def rows_of(results: list[dict], rows: int) -> list[list[str]]:
     table = []
     for r in results:
@@ -478,7 +309,7 @@ def agentic_section(bench: dict, rows: int, repeat: int, command: str) -> str:
         markdown(HEADER, rows_of(results, rows)), "",
         "Speed ratio (ours / TRL, input rows per second):", "",
         markdown(RATIO_HEADER, ratios(results)), "",
-        f"Command: `{command}`.", "", f"Machine: {machine()}.", ""])
+        f"Command: `{command}`.", "", f"Machine: {machine(PACKAGES)}.", ""])
 
 
 def section(bench: dict, rows: int, repeat: int, command: str) -> str:
@@ -512,16 +343,17 @@ def section(bench: dict, rows: int, repeat: int, command: str) -> str:
         "Speed ratio (ours / TRL, examples per second; goal >= 2x):", "",
         markdown(RATIO_HEADER, ratios(results)), "",
         f"Command: `{command}` (`make bench-prepare` runs the 100,000-row default).", "",
-        f"Machine: {machine()}.", ""])
+        f"Machine: {machine(PACKAGES)}.", ""])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sft_cli.bench.prepare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--quick", action="store_true", help="10,000 rows")
     parser.add_argument("--repeat", type=int, default=1, help="run every configuration N times, keep the fastest")
     parser.add_argument("--data", choices=("chat", "agentic"), default="chat",
                         help="plain chats, or tool calls + reasoning on Qwen3's template")
+    parser.add_argument("--no-write", action="store_true", help="print the tables, leave BENCHMARKS.md alone")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: one TRL run, JSON spec
     args = parser.parse_args(argv)
     if args.trl_worker:
@@ -529,28 +361,23 @@ def main(argv: list[str] | None = None) -> None:
     rows = 10_000 if args.quick else args.rows
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs get the whole table
     bench = benchmark(rows, args.repeat, console, args.data)
     for title, header, body in (("sft prepare vs TRL", HEADER, rows_of(bench["results"], rows)),
                                 ("speed ratio", RATIO_HEADER, ratios(bench["results"]))):
-        table = Table(title=f"{title} ({rows:,} conversations)")
-        for column in header:
-            table.add_column(column, justify="left" if column in ("side", "loss on", "vs") else "right")
-        for row in body:
-            table.add_row(*row)
-        console.print(table)
+        print_table(console, f"{title} ({rows:,} conversations)", header, body, left=("side", "loss on", "vs"))
 
-    command = ("python -m sft_cli.bench.prepare" + (" --data agentic" if args.data == "agentic" else "")
+    command = (PROG + (" --data agentic" if args.data == "agentic" else "")
                + (" --quick" if args.quick else f" --rows {rows}" if rows != 100_000 else "")
                + (f" --repeat {args.repeat}" if args.repeat > 1 else ""))
+    if args.no_write:
+        return
     if args.data == "agentic":
-        write_section(REPO / "BENCHMARKS.md", "prepare (tool calls and reasoning)",
-                      agentic_section(bench, rows, args.repeat, command))
+        path = write_section("prepare (tool calls and reasoning)", agentic_section(bench, rows, args.repeat, command))
     else:
-        write_section(REPO / "BENCHMARKS.md", "prepare", section(bench, rows, args.repeat, command))
-    console.print(f"wrote the prepare section of {REPO / 'BENCHMARKS.md'}")
+        path = write_section("prepare", section(bench, rows, args.repeat, command))
+    console.print(f"wrote the prepare section of {path}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 One random-init Llama-architecture model (SmolLM2's real 49,152-token tokenizer, hidden 256,
 4 layers, 4 query / 2 key-value heads, MLP 768, tied embeddings: 15.7M parameters, 3.1M of them
-outside the embedding), one set of seeded synthetic conversations (the generator of
-`sft_cli.bench.prepare`, kept to those that fit max_seq_len 1024 so neither side drops or cuts
+outside the embedding), one set of seeded synthetic conversations (the generator
+`bench.prepare` uses, kept to those that fit max_seq_len 1024 so neither side drops or cuts
 any), full fine-tuning in float32 with SDPA attention, AdamW, lr 2e-4 cosine, clip 1.0, loss on the
 assistant replies (+ their `<|im_end|>`). Four configurations, each a fresh subprocess; the first
 three read the raw JSONL and do everything themselves (tokenize, pack, train), so their peak RSS is a
@@ -38,7 +38,7 @@ Measured per run: real (non-padding) tokens per second over the steps after the 
 (ours: `tokens` and cumulative `elapsed_s` of run_dir/metrics.jsonl; TRL: a subclass counting each
 batch's attention_mask sum, or its length when padding-free, and a callback taking the time at every
 step end; raw: time.perf_counter after each optimizer step), so tokenizing, packing, model load and the first steps stay out of it; the process's peak
-RSS (`wait4`, exact) and the process tree's (psutil, sampled every 50 ms); wall time; and the CPU
+RSS (`wait4`, exact) and the process tree's (/proc, sampled every 50 ms); wall time; and the CPU
 other processes used meanwhile (/proc/stat minus the run's own rusage). The machine may be shared,
 and two threads on two cores lose far more than half their speed when anything else runs, so: runs
 are interleaved (ours, TRL padded, TRL bfd, raw, ours, ...), each waits for the machine to go quiet, a
@@ -56,11 +56,11 @@ forward + backward, each example attending to itself only; the per-token attenti
 set's mean, the same for every side, raw included: its 1024-token sequences attend further, so its MFU
 is a few percent low). FLOPs spent on padding or masked-out attention are not counted.
 
-    python -m sft_cli.bench.train              # make bench-train: ~4 min on 2 idle cores, ~12 on busy ones
-    python -m sft_cli.bench.train --quick      # one round, fewer steps
-    python -m sft_cli.bench.train --quick --no-write --budget 120   # a check: BENCHMARKS.md untouched
-    python -m sft_cli.bench.train --rounds 3 --steps 8 --rows-per-step 4
-    python -m sft_cli.bench.train --peft lora  # LoRA (r 16, all linear layers) on every side instead
+    python -m bench.train              # make bench-train: ~4 min on 2 idle cores, ~12 on busy ones
+    python -m bench.train --quick      # one round, fewer steps
+    python -m bench.train --quick --no-write --budget 120   # a check: BENCHMARKS.md untouched
+    python -m bench.train --rounds 3 --steps 8 --rows-per-step 4
+    python -m bench.train --peft lora  # LoRA (r 16, all linear layers) on every side instead
 """
 
 from __future__ import annotations
@@ -69,17 +69,27 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from sft_cli.bench import REPO, markdown, write_section
+from bench.common import (
+    cpu_busy_s,
+    generate,
+    machine,
+    markdown,
+    marked_template,
+    pick_model,
+    print_table,
+    run_measured,
+    subprocess_env,
+    write_section,
+)
 
+PROG = "python -m bench.train"
 MAX_SEQ_LEN = 1024
 SEED = 42
 LR = 2e-4
@@ -118,8 +128,6 @@ def make_data(path: Path, rows: int, tokenizer_dir: str) -> dict:
     them, TRL would truncate them); returns the token statistics of what is kept."""
     from transformers import AutoTokenizer
 
-    from sft_cli.bench.prepare import generate
-
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     raw = path.with_suffix(".raw.jsonl")
     generate(raw, rows)
@@ -157,12 +165,6 @@ def matmul_flops(threads: int) -> float:
 QUIET_CORES = 0.25  # other processes' CPU use (in cores) above which a run counts as contended
 
 
-def cpu_busy_s() -> float:
-    """CPU seconds all cores have spent busy since boot, stolen time included (/proc/stat)."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-
-
 def wait_for_quiet(console, max_wait_s: float) -> None:
     """Wait (up to max_wait_s) until other processes use less than QUIET_CORES of the CPU."""
     waited = 0.0
@@ -175,41 +177,6 @@ def wait_for_quiet(console, max_wait_s: float) -> None:
                 console.print(f"  (waited {waited:.0f} s for other work to finish; now {load:.2f} cores busy)")
             return
         waited += 2.0
-
-
-def measure(cmd: list[str], cwd: Path, log: Path, env: dict) -> dict:
-    """Run `cmd`; wall seconds, the process's peak RSS (wait4: exact), the process tree's summed RSS
-    (psutil, sampled every 50 ms) and the CPU other processes used meanwhile (in cores: contention)."""
-    import psutil
-
-    busy, own = cpu_busy_s(), time.process_time()
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-    peak_tree, done = [0], threading.Event()
-
-    def sample() -> None:
-        root = psutil.Process(proc.pid)
-        while not done.wait(0.05):
-            try:
-                tree = [root, *root.children(recursive=True)]
-                peak_tree[0] = max(peak_tree[0], sum(p.memory_info().rss for p in tree))
-            except psutil.Error:
-                pass
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)  # also returns the child's rusage: its exact peak RSS
-    wall = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    # Everything the machine did meanwhile, minus the child's tree (wait4 includes its reaped children) and us.
-    others = cpu_busy_s() - busy - (usage.ru_utime + usage.ru_stime) - (time.process_time() - own)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"benchmark command failed (exit {code}): {' '.join(cmd)}\n" + log.read_text()[-4000:])
-    return {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024, "tree_rss_mb": peak_tree[0] / 2**20,
-            "others_cores": max(others, 0.0) / wall}
 
 
 def throughput(steps: list[dict], warmup: int) -> dict:
@@ -225,7 +192,7 @@ def throughput(steps: list[dict], warmup: int) -> dict:
 
 
 RECIPE = """# @package _global_
-# sft_cli.bench.train: full fine-tuning, float32, SDPA, bfd packing, no eval, no checkpoints in between.
+# bench.train: full fine-tuning, float32, SDPA, bfd packing, no eval, no checkpoints in between.
 defaults:
   - override /peft: {peft}
 max_seq_len: {max_seq_len}
@@ -251,7 +218,7 @@ def run_ours(spec: dict, tmp: Path, env: dict, name: str) -> dict:
                                     lr=LR, rows=spec["rows"], steps=spec["steps"], peft=spec["peft"], **LORA))
     run_dir = tmp / name
     cmd = [sys.executable, "-m", "sft_cli", "train", f"recipe={recipe}", f"run_dir={run_dir}"]
-    result = measure(cmd, tmp, tmp / f"{name}.log", env)
+    result = run_measured(cmd, env=env, cwd=tmp, log=tmp / f"{name}.log")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     records = [r for r in records if "tokens" in r]
     # Positions computed per step: the collator pads each micro-batch to its longest packed row.
@@ -273,8 +240,8 @@ def run_trl(spec: dict, tmp: Path, env: dict, name: str, packed: bool) -> dict:
     out_json = tmp / f"{name}.json"
     worker = {**spec, "packed": packed, "output_dir": str(tmp / name), "result": str(out_json),
               "batch": spec["rows"] if packed else spec["padded_batch"]}
-    cmd = [sys.executable, "-m", "sft_cli.bench.train", "--trl-worker", json.dumps(worker)]
-    result = measure(cmd, tmp, tmp / f"{name}.log", env)
+    cmd = [sys.executable, "-m", "bench.train", "--trl-worker", json.dumps(worker)]
+    result = run_measured(cmd, env=env, cwd=tmp, log=tmp / f"{name}.log")
     steps = json.loads(out_json.read_text())["steps"]
     shutil.rmtree(tmp / name, ignore_errors=True)
     return {**result, **throughput(steps, spec["warmup"])}
@@ -334,8 +301,8 @@ def trl_worker(spec: dict) -> None:
 
 def run_raw(spec: dict, tmp: Path, env: dict, name: str) -> dict:
     out_json = tmp / f"{name}.json"
-    cmd = [sys.executable, "-m", "sft_cli.bench.train", "--raw-worker", json.dumps({**spec, "result": str(out_json)})]
-    result = measure(cmd, tmp, tmp / f"{name}.log", env)
+    cmd = [sys.executable, "-m", "bench.train", "--raw-worker", json.dumps({**spec, "result": str(out_json)})]
+    result = run_measured(cmd, env=env, cwd=tmp, log=tmp / f"{name}.log")
     steps = json.loads(out_json.read_text())["steps"]
     return {**result, **throughput(steps, spec["warmup"])}
 
@@ -385,8 +352,6 @@ def raw_worker(spec: dict) -> None:
 def benchmark(args, console) -> dict:
     from transformers import AutoTokenizer
 
-    from sft_cli.bench.prepare import marked_template, pick_model
-
     threads = args.threads or os.cpu_count() or 1
     tokenizer_name, tokenizer_dir, note = pick_model()
     if note:
@@ -415,9 +380,7 @@ def benchmark(args, console) -> dict:
         spec = {"model": str(model_dir), "data": str(data), "template": str(template), "rows": args.rows_per_step,
                 "padded_batch": padded_batch, "steps": args.steps + args.warmup, "warmup": args.warmup,
                 "peft": args.peft}
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
-               "TQDM_DISABLE": "1"}
+        env = subprocess_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
         runs = {"ours": lambda name: run_ours(spec, tmp, env, name),
                 "trl padded": lambda name: run_trl(spec, tmp, env, name, packed=False),
                 "trl bfd": lambda name: run_trl(spec, tmp, env, name, packed=True),
@@ -519,21 +482,6 @@ def ratio_rows(bench: dict) -> list[list[str]]:
     return [["real tokens/s", *speed], ["peak RSS", *rss]]
 
 
-def machine() -> str:
-    from sft_cli.bench.prepare import machine as prepare_machine
-
-    return prepare_machine().replace(", trl", ", peft " + _version("peft") + ", trl")
-
-
-def _version(package: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
 def section(bench: dict, args, command: str) -> str:
     m, d = bench["model"], bench["data"]
     non_embedding = m["params"] - m["embedding_params"]
@@ -545,7 +493,7 @@ def section(bench: dict, args, command: str) -> str:
         f"MLP {MODEL_SHAPE['intermediate_size']}, tied embeddings: {m['params']:,} parameters ({non_embedding:,} "
         f"outside the embedding), tokenizer `{bench['tokenizer']}` (vocab {m['vocab']:,}). float32, SDPA, "
         f"{method}, AdamW lr {LR} cosine, clip 1.0, seed {SEED}, max_seq_len {MAX_SEQ_LEN}.",
-        f"**Data**: {d['kept']:,} of {d['generated']:,} synthetic conversations (`sft_cli.bench.prepare`'s seeded "
+        f"**Data**: {d['kept']:,} of {d['generated']:,} synthetic conversations (`bench.prepare`'s seeded "
         f"generator; those over {MAX_SEQ_LEN} tokens left out), {d['tokens']:,} tokens, mean {d['mean_len']:.0f} "
         "per conversation. Loss on the assistant replies + their `<|im_end|>` on ours and TRL (TRL: "
         "`assistant_only_loss=True`, `{% generation %}` markers added to a copy of the same template).",
@@ -573,7 +521,7 @@ def section(bench: dict, args, command: str) -> str:
         "examples to the longest of the batch, TRL bfd flattens its rows into one padding-free sequence (under "
         "SDPA its attention then spans the whole flattened batch, masked block-diagonally).",
         "**peak RSS MB**: the training process's peak resident memory (`wait4`, exact), which includes its own "
-        "tokenizing and packing (raw has none); **tree RSS MB**: summed over the process and any children (psutil, every 50 ms).",
+        "tokenizing and packing (raw has none); **tree RSS MB**: summed over the process and any children (/proc, every 50 ms).",
         f"**MFU**: model FLOP/s / {bench['peak'] / 1e9:.1f} GFLOP/s, this machine's float32 `torch.mm` "
         f"(2048 x 2048, {bench['threads']} threads, best of 10 before and 10 after the runs). Model FLOPs per "
         f"real token = {bench['factor']} x ({non_embedding:,} non-embedding + {m['vocab']:,} x "
@@ -597,11 +545,11 @@ def section(bench: dict, args, command: str) -> str:
         "Ratios against the goals (tokens/s: higher is better; peak RSS: lower is better):", "",
         markdown(RATIO_HEADER, ratio_rows(bench)), "",
         f"Command: `{command}` (`make bench-train`).", "",
-        f"Machine: {machine()}.", ""])
+        f"Machine: {machine(('torch', 'transformers', 'datasets', 'tokenizers', 'peft', 'trl'))}.", ""])
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sft_cli.bench.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each side keeps its fastest")
     parser.add_argument("--retries", type=int, default=2,
                         help=f"repeat a run during which other processes used >= {QUIET_CORES} cores, up to N times")
@@ -631,28 +579,21 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--warmup and --steps must be >= 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 180)
     bench = benchmark(args, console)
     for title, header, body in (("sft train vs TRL SFTTrainer and raw", HEADER, rows_of(bench)),
                                 ("ratios vs goals", RATIO_HEADER, ratio_rows(bench))):
-        table = Table(title=title)
-        for column in header:
-            table.add_column(column, justify="left" if column in ("side", "measure", "batch / step") else "right")
-        for row in body:
-            table.add_row(*row)
-        console.print(table)
+        print_table(console, title, header, body, left=("side", "measure", "batch / step"))
     defaults = {"rounds": 2, "retries": 2, "max_wait": 60.0, "budget": 480.0, "steps": 3, "warmup": 1,
                 "rows_per_step": 2, "conversations": 1000, "threads": 0, "peft": "none"}
-    command = "python -m sft_cli.bench.train" + (" --quick" if args.quick else "") + "".join(
+    command = PROG + (" --quick" if args.quick else "") + "".join(
         f" --{k.replace('_', '-')} {getattr(args, k)}" for k, v in defaults.items()
         if getattr(args, k) != v and not (args.quick and k in ("rounds", "steps")))
     if args.no_write:
         console.print("--no-write: BENCHMARKS.md left as it was")
         return
-    write_section(REPO / "BENCHMARKS.md", "train", section(bench, args, command))
-    console.print(f"wrote the train section of {REPO / 'BENCHMARKS.md'}")
+    console.print(f"wrote the train section of {write_section('train', section(bench, args, command))}")
 
 
 if __name__ == "__main__":

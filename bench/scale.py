@@ -10,40 +10,46 @@ offline tokenizer (builtin:tiny-llama-chatml) and max_seq_len 1024:
     sft prepare recipe=scale.yaml    then    sft pack recipe=scale.yaml
 
 and measures each for wall seconds and peak RSS of the whole process tree (tokenizer workers
-included; see sft_cli.bench.run_measured). The reports are checked against what was generated
+included; see bench.common.run_measured). The reports are checked against what was generated
 (every non-blank line read, each injected bad row rejected for its reason, every kept example
 packed), the "## scale" section of BENCHMARKS.md is rewritten, and the exit code is 0 only when
 both stages stay under the limit.
 
-    python -m sft_cli.bench.scale                                  # 1,000,000 rows (make bench-scale)
-    python -m sft_cli.bench.scale --rows 100000 --json scale.json  # the numbers as JSON too
-    python -m sft_cli.bench.scale --rows 10000 --keep              # keep the temp folder to inspect
+    python -m bench.scale                                  # 1,000,000 rows (make bench-scale)
+    python -m bench.scale --rows 100000 --json scale.json  # the numbers as JSON too
+    python -m bench.scale --rows 10000 --keep              # keep the temp folder to inspect
+    python -m bench.scale --rows 2000 --no-write           # a quick check: BENCHMARKS.md untouched
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import shlex
 import shutil
 import sys
 import tempfile
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from sft_cli.bench import REPO, markdown, run_measured, write_section
-from sft_cli.bench.prepare import SYSTEM_PROMPTS, WORDS, ZIPF
+from bench.common import (
+    SEED,
+    SYSTEM_PROMPTS,
+    WORDS,
+    ZIPF,
+    machine,
+    markdown,
+    print_table,
+    run_measured,
+    subprocess_env,
+    write_section,
+)
 
 MODEL = "builtin:tiny-llama-chatml"
 MAX_SEQ_LEN = 1024
 LIMIT_MB = 4096
-SEED = 0
 BLOCK = 10_000  # rows generated per vectorised draw of words
 BAD_FRACTION = 0.01
 # Each bad kind is named after the reason prepare must report for it.
@@ -144,13 +150,11 @@ def write_recipe(path: Path, data: Path, run_dir: Path) -> None:
 
 
 def run_stage(verb: str, recipe: Path, tmp: Path) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_CACHE": str(tmp / "hf-cache"), "PYTHONUNBUFFERED": "1"}
-    log = tmp / f"{verb}.log"
-    result = run_measured([sys.executable, "-m", "sft_cli", verb, f"recipe={recipe}"], env=env, cwd=tmp, log=log)
-    if result["returncode"] != 0:
-        raise SystemExit(f"sft {verb} failed (exit {result['returncode']}):\n" + log.read_text()[-3000:])
-    return result
+    """`sft VERB` in a subprocess: seconds, and peak RSS as the larger of the tree's and the largest process's."""
+    env = subprocess_env(HF_DATASETS_CACHE=str(tmp / "hf-cache"))
+    result = run_measured([sys.executable, "-m", "sft_cli", verb, f"recipe={recipe}"], env=env, cwd=tmp,
+                          log=tmp / f"{verb}.log")
+    return {"seconds": result["wall_s"], "peak_rss_mb": max(result["tree_rss_mb"], result["rss_mb"])}
 
 
 def check_prepared(report: dict, rows: int, injected: Counter) -> None:
@@ -243,14 +247,6 @@ def table_rows(result: dict) -> list[list[str]]:
 HEADER = ["stage", "rows", "seconds", "peak RSS MB", "limit MB", "result"]
 
 
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown CPU")
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("datasets", "pyarrow", "numpy", "tokenizers"))
-    return (f"{os.cpu_count()} cores ({model}), {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} "
-            f"GiB RAM, Python {platform.python_version()}, {versions}; {datetime.date.today().isoformat()}")
-
-
 def section(result: dict, command: str) -> str:
     prep, pack = result["prepare"], result["pack"]
     reasons = ", ".join(f"{r} {c:,}" for r, c in result["rejected_by_reason"].items())
@@ -278,29 +274,19 @@ def section(result: dict, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {machine()}.",
+        f"Machine: {machine(('datasets', 'pyarrow', 'numpy', 'tokenizers'), ram=True)}.",
     ])
-
-
-def print_table(console, result: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"scale: {result['rows']:,} conversations")
-    for name in HEADER:
-        table.add_column(name, justify="left" if name in ("stage", "rows") else "right")
-    for row in table_rows(result):
-        table.add_row(*row[:-1], f"[green]{row[-1]}[/]" if row[-1] == "pass" else f"[red]{row[-1]}[/]")
-    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
 
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="conversations to generate")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (data, run_dir, logs)")
+    parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     tmp = Path(tempfile.mkdtemp(prefix="sft-scale-"))
@@ -311,8 +297,11 @@ def main(argv: list[str] | None = None) -> None:
             console.print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print_table(console, result)
-    write_section(REPO / "BENCHMARKS.md", "scale", section(result, shlex.join(["python", "-m", "sft_cli.bench.scale", *argv])))
+    colored = [[*row[:-1], f"[green]{row[-1]}[/]" if row[-1] == "pass" else f"[red]{row[-1]}[/]"]
+               for row in table_rows(result)]
+    print_table(console, f"scale: {result['rows']:,} conversations", HEADER, colored, left=("stage", "rows"))
+    if not args.no_write:
+        write_section("scale", section(result, shlex.join(["python", "-m", "bench.scale", *argv])))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     sys.exit(0 if result["passed"] else 1)
