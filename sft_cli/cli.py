@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.resources
 import os
 import re
 import shlex
@@ -28,9 +29,16 @@ from rich.table import Table
 
 from sft_cli.errors import ConfigError, SFTError
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "conf"
-RECIPES_DIR = ROOT / "recipes"
+
+def _package_dir(package: str) -> Path:
+    """The folder of sft_cli.conf or sft_cli.recipes: conf/ and recipes/ ship as those packages
+    (see pyproject.toml), so a wheel install finds them in site-packages and an editable one in
+    the checkout. Hydra and glob need a real folder, not a zipped install."""
+    return Path(str(importlib.resources.files(package)))
+
+
+CONF_DIR = _package_dir("sft_cli.conf")
+RECIPES_DIR = _package_dir("sft_cli.recipes")
 
 # verb -> (module with `run(cfg) -> int`, one-line description)
 VERBS: dict[str, tuple[str, str]] = {
@@ -290,7 +298,8 @@ def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
 
 def _config_groups() -> set[str]:
     """Names that select a config file rather than set a value: conf/ folders and recipe."""
-    return {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {"recipe"}
+    # Not __pycache__: conf/ is a package (its __init__.py makes it importable), compiled on install.
+    return {p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")} | {"recipe"}
 
 
 def _check_override_keys(overrides: list[str]) -> None:

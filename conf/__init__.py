@@ -1,0 +1,3 @@
+"""Hydra config groups (config.yaml, model/, peft/, sweep/), shipped as the package `sft_cli.conf`
+so that `sft` finds them in any install (see pyproject.toml). No code: this file only makes the
+folder a regular package, which setuptools' editable install can map to a remapped folder."""
