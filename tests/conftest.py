@@ -56,6 +56,23 @@ def write_chat_jsonl(path: Path, rows: int = 120, max_words: int = 40, seed: int
     return path
 
 
+TINY_MODEL = "builtin:tiny-llama-chatml"
+
+
+def train_args(data: Path, run_dir: Path, *overrides: str, eval_fraction: float = 0.1, max_seq_len: int = 256,
+               model: str = TINY_MODEL, verb: str | None = "train") -> list[str]:
+    """The command line of the tests that train the tiny model on one data file:
+
+        train_args(data, run_dir, "trainer.max_steps=8")
+        # ["train", "model.name_or_path=builtin:tiny-llama-chatml", "data.sources=[{path: DATA}]",
+        #  "data.eval_fraction=0.1", "max_seq_len=256", "run_dir=RUN_DIR", "trainer.max_steps=8"]
+
+    verb=None leaves the verb out (for `sft prepare/pack/train` with the same overrides). Losses
+    pinned in tests depend on every override, so each test file passes its own steps, batch and lr."""
+    return [*([verb] if verb else []), f"model.name_or_path={model}", f"data.sources=[{{path: {data}}}]",
+            f"data.eval_fraction={eval_fraction}", f"max_seq_len={max_seq_len}", f"run_dir={run_dir}", *overrides]
+
+
 def _write_jsonl(path: Path, rows: list) -> Path:
     """Rows may be dicts (dumped as JSON) or raw bytes/str lines (written as they are)."""
     path.parent.mkdir(parents=True, exist_ok=True)

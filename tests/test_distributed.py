@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import write_chat_jsonl
+from tests.conftest import train_args, write_chat_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -28,9 +28,8 @@ def data(tmp_path_factory):
 
 
 def args(data, run_dir, *extra):
-    return ["train", "model.name_or_path=builtin:tiny-llama-chatml", f"data.sources=[{{path: {data}}}]",
-            "data.eval_fraction=0.1", "max_seq_len=256", f"run_dir={run_dir}", "trainer.micro_batch_size=4",
-            "trainer.max_steps=6", "trainer.save_every=2", "optim.lr=2e-3", "peft.dropout=0", *extra]
+    return train_args(data, run_dir, "trainer.micro_batch_size=4", "trainer.max_steps=6", "trainer.save_every=2",
+                      "optim.lr=2e-3", "peft.dropout=0", *extra)
 
 
 def start(argv, **kw):

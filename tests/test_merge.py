@@ -17,7 +17,7 @@ import torch
 
 from sft_cli.config import SHARD_SIZE
 from sft_cli.merge import compare, quantisation
-from tests.conftest import _run_sft, write_chat_jsonl
+from tests.conftest import TINY_MODEL, _run_sft, train_args, write_chat_jsonl
 
 slow = pytest.mark.slow
 
@@ -28,10 +28,9 @@ def _parallel(*commands: tuple[str, ...]) -> list:
         return list(pool.map(lambda args: _run_sft(*args), commands))
 
 
-def _train(root: Path, run: str, model: str = "builtin:tiny-llama-chatml", *extra: str) -> tuple[str, ...]:
-    return ("train", f"model.name_or_path={model}", f"data.sources=[{{path: {root / 'chat.jsonl'}}}]",
-            "data.eval_fraction=0.2", "max_seq_len=128", f"run_dir={root / run}", "trainer.micro_batch_size=2",
-            "trainer.max_steps=3", "optim.lr=2e-3", *extra)
+def _train(root: Path, run: str, model: str = TINY_MODEL, *extra: str) -> tuple[str, ...]:
+    return tuple(train_args(root / "chat.jsonl", root / run, "trainer.micro_batch_size=2", "trainer.max_steps=3",
+                            "optim.lr=2e-3", *extra, eval_fraction=0.2, max_seq_len=128, model=model))
 
 
 def _said(result) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_chat_jsonl
+from tests.conftest import train_args, write_chat_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -18,9 +18,9 @@ def _data(root: Path) -> Path:
 
 
 def _args(root: Path, run: str, *extra: str) -> list[str]:
-    return ["model.name_or_path=builtin:tiny-llama-chatml", f"data.sources=[{{path: {_data(root)}}}]",
-            "data.eval_fraction=0.2", "max_seq_len=256", f"run_dir={root / run}", "trainer.micro_batch_size=2",
-            "trainer.max_steps=3", "optim.lr=5e-3", *extra]
+    """The overrides of every verb here (prepare, pack, train, evaluate, merge-lora)."""
+    return train_args(_data(root), root / run, "trainer.micro_batch_size=2", "trainer.max_steps=3", "optim.lr=5e-3",
+                      *extra, eval_fraction=0.2, verb=None)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_chat_jsonl
+from tests.conftest import train_args, write_chat_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -17,14 +17,15 @@ def data(tmp_path_factory):
 
 
 def base(data, run_dir):
-    return ["model.name_or_path=builtin:tiny-llama-chatml", f"data.sources=[{{path: {data}}}]",
-            "data.eval_fraction=0.1", "max_seq_len=256", "trainer.max_steps=3", "trainer.micro_batch_size=2",
-            f"run_dir={run_dir}"]
+    return train_args(data, run_dir, "trainer.max_steps=3", "trainer.micro_batch_size=2", verb=None)
+
+
+def metrics(run_dir):
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(run_dir):
-    return [json.loads(x)["loss"] for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-            if '"loss"' in x]
+    return [r["loss"] for r in metrics(run_dir) if "loss" in r]
 
 
 POINTS = {"optim.lr=0.0001,seed=0", "optim.lr=0.0001,seed=1", "optim.lr=0.0003,seed=0", "optim.lr=0.0003,seed=1"}
@@ -37,11 +38,25 @@ def test_a_saved_2x2_sweep_summarises_repeats_bitwise_and_skips_finished_points(
     assert {Path(p["run_dir"]).name for p in summary} == POINTS
     for point in summary:
         assert point["status"] == "ok" and point["steps"] == 3
-        assert point["final_train_loss"] > 0 and point["best_eval_loss"] > 0 and point["tokens_per_sec"] > 0
+        # The summary holds what the point's own metrics say: last train loss, lowest eval loss,
+        # tokens over wall time, and the point's own overrides.
+        lines = metrics(point["run_dir"])
+        steps = [r for r in lines if "loss" in r]
+        assert [r["step"] for r in steps] == [1, 2, 3]
+        assert point["final_train_loss"] == steps[-1]["loss"]
+        assert point["best_eval_loss"] == min(r["eval_loss"] for r in lines if r.get("type") == "eval")
+        assert point["wall_s"] == steps[-1]["elapsed_s"]
+        assert point["tokens_per_sec"] == pytest.approx(sum(r["tokens"] for r in steps) / steps[-1]["elapsed_s"])
+        assert set(Path(point["run_dir"]).name.split(",")) <= set(point["overrides"].split())
         assert (Path(point["run_dir"]) / "final" / "manifest.json").exists()
         provenance = json.loads((Path(point["run_dir"]) / "provenance.json").read_text())
         assert provenance["command"].startswith("sft train") and provenance["fingerprints"]["prepared"]
         assert provenance["versions"]["torch"]
+    # Same seed, different lr: the same first loss (measured before any update), then apart.
+    curves = {Path(p["run_dir"]).name: losses(p["run_dir"]) for p in summary}
+    for seed in (0, 1):
+        low, high = curves[f"optim.lr=0.0001,seed={seed}"], curves[f"optim.lr=0.0003,seed={seed}"]
+        assert low[0] == high[0] and low[-1] != high[-1]
     assert (tmp_path / "a" / "sweep.csv").read_text().count("\n") == 5
     assert (tmp_path / "a" / "sweep_losses.png").read_bytes()[:4] == b"\x89PNG"
     # The same sweep elsewhere reproduces every point bitwise.

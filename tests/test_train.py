@@ -18,7 +18,7 @@ from sft_cli.data.collate import Collator
 from sft_cli.data.packing import IGNORE_INDEX, mask_example_starts, position_ids
 from sft_cli.model import CausalLMLoss, load_model
 from sft_cli.train import accumulate_gradients
-from tests.conftest import write_chat_jsonl
+from tests.conftest import train_args, write_chat_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,10 +67,8 @@ def _data(tmp_path):
 
 
 def _train_args(tmp_path, run, *extra):
-    return ["train", "model.name_or_path=builtin:tiny-llama-chatml", f"data.sources=[{{path: {_data(tmp_path)}}}]",
-            "data.eval_fraction=0.1", "max_seq_len=256", f"run_dir={tmp_path / run}", "trainer.micro_batch_size=2",
-            "trainer.grad_accum=2", "trainer.max_steps=8", "trainer.save_every=2", "optim.lr=2e-3",
-            "trainer.log_every=1", *extra]
+    return train_args(_data(tmp_path), tmp_path / run, "trainer.micro_batch_size=2", "trainer.grad_accum=2",
+                      "trainer.max_steps=8", "trainer.save_every=2", "optim.lr=2e-3", "trainer.log_every=1", *extra)
 
 
 def _losses(run_dir):
@@ -120,23 +118,48 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, sft, mode):
     env = {**os.environ, "SFT_FAULT_KILL_STEP": "5"}
     killed = subprocess.run([sys.executable, "-m", "sft_cli", *_train_args(tmp_path, "resumed", *extra)],
                             cwd=REPO, env=env, capture_output=True, text=True)
-    assert killed.returncode == -signal.SIGKILL
+    # Killed in step 5 (after its backward, before its update): steps 1-4 logged, checkpoints 2 and 4.
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("step-*")) == ["step-2", "step-4"]
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")[:4]
     resumed = sft(*_train_args(tmp_path, "resumed", *extra))
-    assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in _said(resumed) and "(step 4 of 8)" in _said(resumed), resumed.stderr[-3000:]
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")  # bitwise: exact float equality
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_a_changed_run(tmp_path, sft):
+    run_dir = tmp_path / "r"
     env = {**os.environ, "SFT_FAULT_KILL_STEP": "3"}
-    subprocess.run([sys.executable, "-m", "sft_cli", *_train_args(tmp_path, "r")], cwd=REPO, env=env,
-                   capture_output=True)
+    killed = subprocess.run([sys.executable, "-m", "sft_cli", *_train_args(tmp_path, "r")], cwd=REPO, env=env,
+                            capture_output=True, text=True)
+    # The kill landed in step 3: a run to resume exists (checkpoint 2, steps 1-2 logged).
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert [p.name for p in (run_dir / "checkpoints").glob("step-*")] == ["step-2"]
+    logged, before = (run_dir / "metrics.jsonl").read_text(), _losses(run_dir)
+    assert len(before) == 2
+    # Resuming with a run-defining key changed is refused, naming the change and the way out, and
+    # touches nothing: same checkpoint, same metrics.
     changed = sft(*_train_args(tmp_path, "r", "optim.lr=1e-3"))
-    assert changed.returncode == 1 and "optim.lr" in changed.stderr and "resume=never" in changed.stderr
+    assert changed.returncode == 1, changed.stderr[-3000:]
+    said = _said(changed)
+    assert "refusing to resume" in said and "optim.lr: 0.002 -> 0.001" in said and "resume=never" in said, said
+    assert "Traceback" not in changed.stderr
+    assert [p.name for p in (run_dir / "checkpoints").glob("step-*")] == ["step-2"]
+    assert (run_dir / "metrics.jsonl").read_text() == logged
+    # trainer.resume=never starts over: all 8 steps from the same initial weights (same first loss).
     fresh = sft(*_train_args(tmp_path, "r", "optim.lr=1e-3", "trainer.resume=never"))
     assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "resuming" not in fresh.stderr
+    losses = _losses(run_dir)
+    assert len(losses) == 8 and losses[0] == before[0]
+
+
+def _said(result) -> str:
+    """stderr with rich's line wrapping undone, for matching phrases."""
+    return " ".join(result.stderr.split())
 
 
 def test_nan_steps_are_skipped_then_stop(tmp_path, sft):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -143,11 +142,22 @@ def test_model_folder_loads_and_runs(cache, arch, tied):
     assert torch.isfinite(logits).all()
 
 
-def test_cache_builds_once_then_returns_fast(tmp_path):
+def test_cache_builds_once_then_returns_fast(tmp_path, monkeypatch):
+    """Fast = a cache hit: the second call builds nothing and rewrites nothing (not a wall-clock bound,
+    which a busy machine breaks)."""
+    from sft_cli.assets import tiny
+
     first = tiny_model_dir("chatml", "qwen2", cache_dir=tmp_path)
-    start = time.perf_counter()
+    written = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("a cached model was built again")
+
+    monkeypatch.setattr(tiny, "build_tokenizer", no_rebuild)
+    monkeypatch.setattr(tiny, "build_model", no_rebuild)
     again = tiny_model_dir("chatml", "qwen2", cache_dir=tmp_path)
-    assert time.perf_counter() - start < 0.1
+    assert {p.name: p.stat().st_mtime_ns for p in again.iterdir()} == written
+    monkeypatch.undo()
     assert again == first and first.name.startswith("tiny-qwen2-chatml-")
     assert (first / ".complete").exists() and (first / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp dirs left behind

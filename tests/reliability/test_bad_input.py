@@ -31,7 +31,8 @@ from sft_cli.data.templates import load_tokenizer
 
 pytestmark = pytest.mark.reliability
 
-STATS = {"rows": 0, "kept": 0, "files": 0}  # across hypothesis examples, for the reliability report
+# Across hypothesis examples, for the reliability report: rows / files tried, and how many held.
+STATS = {"rows": 0, "rows_held": 0, "kept": 0, "files": 0, "files_held": 0}
 EXAMPLES = int(os.environ.get("SFT_FUZZ_EXAMPLES", 60))
 CONTROL = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 ROLES = ["user", "assistant", "system", "human", "gpt", "tool", "", "USER", None, 3]
@@ -148,18 +149,31 @@ def oracle_labels(tokenizer, text: str, spans):
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(lines, min_size=1, max_size=12))
 def test_every_row_kept_with_a_correct_mask_or_rejected_with_a_reason(renderer, record_property, raw_lines):
+    # Rows are the trials: counted before the checks, each one passed once all its checks hold.
+    STATS["rows"] += len(raw_lines)
+    try:
+        _check_rendered_rows(renderer, raw_lines)
+    finally:
+        record_property("rows", STATS["rows"])
+        record_property("kept", STATS["kept"])
+        record_property("passes", STATS["rows_held"])
+
+
+def _check_rendered_rows(renderer, raw_lines: list) -> None:
     tokenizer = renderer.tokenizer
     batch = {"source": ["fuzz"] * len(raw_lines), "location": [f"f.jsonl:{i + 1}" for i in range(len(raw_lines))],
              "raw": raw_lines, "error": [None] * len(raw_lines)}
     out = renderer(batch)  # never raises: that is the first property
     assert len(out["reason"]) == len(raw_lines)  # kept + rejected = input rows
     assert out["location"] == batch["location"]
+    STATS["kept"] += sum(not r for r in out["reason"])
     start, end, eot = (tokenizer.convert_tokens_to_ids(t) for t in CONTROL)
     for j, raw in enumerate(raw_lines):
         expected = oracle(raw)
         if out["reason"][j]:
             assert out["input_ids"][j] == [] and out["reason"][j].isidentifier()
             assert expected in (REJECT, UNCHECKED), f"valid row rejected: {out['reason'][j]}: {out['detail'][j]}"
+            STATS["rows_held"] += 1
             continue
         assert expected != REJECT, f"invalid row kept: {raw!r}"
         ids, labels = out["input_ids"][j], out["labels"][j]
@@ -174,15 +188,14 @@ def test_every_row_kept_with_a_correct_mask_or_rejected_with_a_reason(renderer, 
         if expected != UNCHECKED:
             text, spans = expected
             assert (ids, labels) == oracle_labels(tokenizer, text, spans), raw
-    STATS["rows"] += len(raw_lines)
-    STATS["kept"] += sum(not r for r in out["reason"])
-    record_property("rows", STATS["rows"])
-    record_property("kept", STATS["kept"])
+        STATS["rows_held"] += 1
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.binary(max_size=60), min_size=1, max_size=20))
 def test_random_bytes_files_yield_one_located_row_per_line(tmp_path_factory, record_property, lines_bytes):
+    STATS["files"] += 1  # a trial: counted before its checks, passed after them
+    record_property("trials", STATS["files"])
     path = tmp_path_factory.mktemp("bytes") / "random.jsonl"
     # One row per line: split the random bytes at their own newlines, as a reader would.
     path.write_bytes(b"\n".join(lines_bytes))
@@ -192,8 +205,8 @@ def test_random_bytes_files_yield_one_located_row_per_line(tmp_path_factory, rec
     assert [int(r["location"].rsplit(":", 1)[1]) for r in rows] == expected
     for r in rows:
         assert (r["raw"] is None) == (r["error"] is not None)
-    STATS["files"] += 1
-    record_property("trials", STATS["files"])
+    STATS["files_held"] += 1
+    record_property("passes", STATS["files_held"])
 
 
 # -- the real `sft prepare` on one row of every class ------------------------------------------
@@ -258,7 +271,7 @@ CLASSES = [
 
 
 def test_prepare_rejects_each_bad_class_at_its_line_and_keeps_the_rest(tmp_path, write_jsonl, sft,
-                                                                         record_property):
+                                                                         record_property, trials):
     rows, expected, kept = [_chat(0)], {}, 1
     for i, (_, row, reason) in enumerate(CLASSES, start=1):
         rows += [row, _chat(i), ""]  # a blank line after each pair: not a row, must not shift line numbers
@@ -274,15 +287,23 @@ def test_prepare_rejects_each_bad_class_at_its_line_and_keeps_the_rest(tmp_path,
     assert "Traceback" not in result.stderr
     rejected = [json.loads(line) for line in (run / "prepared" / "rejected.jsonl").read_text().splitlines()]
     got = {int(r["location"].rsplit(":", 1)[1]): r["reason"] for r in rejected}
-    assert got == expected
     report = json.loads((run / "prepared" / "report.json").read_text())
     non_blank = sum(1 for line in data.read_bytes().split(b"\n") if line.strip())
+    record_property("rows_lost", non_blank - report["kept"] - report["rejected"])
+    # A trial per class: its row got the expected verdict at its own line, and the valid row after
+    # it was kept. The report's table shows each verdict as it came out.
+    cases = []
+    for i, (label, _, reason) in enumerate(CLASSES, start=1):
+        verdict = got.get(3 * i - 1, "kept")
+        with trials.trial(label):
+            assert verdict == reason, f"expected {reason}, got {verdict}"
+            assert 3 * i not in got, f"the valid row after it was rejected: {got.get(3 * i)}"
+        cases.append([label, reason if verdict == reason else f"expected {reason}, got {verdict}"])
+    record_property("cases", cases)
+    trials.check()
+    assert got == expected
     assert report["read"] == non_blank == report["kept"] + report["rejected"]
     assert report["kept"] == kept and report["rejected"] == len(expected)
-    record_property("trials", len(CLASSES))
-    record_property("passes", len(CLASSES))
-    record_property("rows_lost", non_blank - report["kept"] - report["rejected"])
-    record_property("cases", [[label, reason] for label, _, reason in CLASSES])
 
 
 def test_a_chat_template_cannot_reach_python_internals(tiny_dir, tmp_path):

@@ -371,10 +371,8 @@ NASTY = [
 
 
 @pytest.mark.parametrize("overrides, key", NASTY, ids=[" ".join(o) for o, _ in NASTY])
-def test_nasty_overrides(overrides, key, record_property):
+def test_nasty_overrides(overrides, key):
     assert_config_error(run_cli(*BASE, *overrides), key)
-    record_property("trials", 1)
-    record_property("passes", 1)
 
 
 VALID_EDGES = [
@@ -388,52 +386,45 @@ VALID_EDGES = [
 
 
 @pytest.mark.parametrize("override", VALID_EDGES)
-def test_valid_boundary_values_pass(override, record_property):
+def test_valid_boundary_values_pass(override):
     """Validation must not be stricter than the code that consumes the values."""
     outcome = run_cli(*BASE, override)
     assert outcome.code == 0 and len(outcome.ran) == 1, outcome.err
-    record_property("trials", 1)
-    record_property("passes", 1)
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in cli.RECIPES_DIR.glob("*.yaml")))
 @pytest.mark.parametrize("model", [None, "model=tiny"])
-def test_every_recipe_validates(recipe, model, record_property):
+def test_every_recipe_validates(recipe, model):
     outcome = run_cli(f"recipe={recipe}", f"run_dir={RUN_DIR}", *([model] if model else []))
     assert outcome.code == 0 and len(outcome.ran) == 1, outcome.err
-    record_property("trials", 1)
-    record_property("passes", 1)
 
 
 @pytest.mark.parametrize("verb", list(cli.VERBS))
-def test_every_verb_validates_before_running(verb, record_property):
+def test_every_verb_validates_before_running(verb):
     assert_config_error(run_cli(*BASE, "optim.lr=-1", verb=verb), "optim.lr")
-    record_property("trials", 1)
-    record_property("passes", 1)
 
 
-def test_a_sweep_point_with_a_bad_value_fails_alone(record_property):
+def test_a_sweep_point_with_a_bad_value_fails_alone():
     """In a sweep the bad point is a config error (exit 2) and the good point still runs."""
     outcome = run_cli("-m", *BASE, "seed=-1,3")
     assert outcome.code == 2 and "Traceback" not in outcome.err
     assert [cfg.seed for cfg in outcome.ran] == [3]
     assert "seed" in outcome.flat_err
-    record_property("trials", 1)
-    record_property("passes", 1)
 
 
-def test_hydra_state_is_clean_between_runs(record_property):
+def test_hydra_state_is_clean_between_runs(trials):
     """main() is callable repeatedly in one process (what the in-process tests rely on)."""
     from hydra.core.global_hydra import GlobalHydra
 
     argv = list(sys.argv)
     for overrides in (["seed=["], ["seed=3"], ["+newkey=1"], ["seed=4"]):
-        run_cli(*BASE, *overrides)
-        assert not GlobalHydra.instance().is_initialized()
-        assert sys.argv == argv
-    assert run_cli(*BASE, "seed=5").ran[0].seed == 5
-    record_property("trials", 4)
-    record_property("passes", 4)
+        with trials.trial(" ".join(overrides)):
+            run_cli(*BASE, *overrides)
+            assert not GlobalHydra.instance().is_initialized()
+            assert sys.argv == argv
+    with trials.trial("seed=5 after them"):
+        assert run_cli(*BASE, "seed=5").ran[0].seed == 5
+    trials.check()
 
 
 SUBPROCESS_CASES = [("seed=[", "seed"), ("seed=-1", "seed"), ("+newkey=1", "newkey"),
@@ -441,11 +432,9 @@ SUBPROCESS_CASES = [("seed=[", "seed"), ("seed=-1", "seed"), ("+newkey=1", "newk
 
 
 @pytest.mark.parametrize("override, key", SUBPROCESS_CASES)
-def test_real_entry_point_agrees(sft, tmp_path, override, key, record_property):
+def test_real_entry_point_agrees(sft, tmp_path, override, key):
     result = sft("prepare", "recipe=demo", f"run_dir={tmp_path}", override, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert key in " ".join(result.stderr.split())
     assert not (tmp_path / "prepared").exists()
-    record_property("trials", 1)
-    record_property("passes", 1)

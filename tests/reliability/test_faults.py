@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_chat_jsonl
+from tests.conftest import train_args, write_chat_jsonl
 
 pytestmark = pytest.mark.reliability
 
@@ -38,10 +38,9 @@ SLOW = pytest.mark.reliability_slow
 
 def _args(data: Path, run_dir: Path, *extra: str) -> list[str]:
     # NEFTune noise and LoRA dropout on: resume must restore every RNG, not just the weights.
-    return ["train", "model.name_or_path=builtin:tiny-llama-chatml", f"data.sources=[{{path: {data}}}]",
-            "data.eval_fraction=0.1", "max_seq_len=256", f"run_dir={run_dir}", "trainer.micro_batch_size=2",
-            "trainer.grad_accum=2", f"trainer.max_steps={STEPS}", "trainer.save_every=2", "trainer.eval_every=4",
-            "optim.lr=2e-3", "trainer.neftune_alpha=5", "peft.dropout=0.1", *extra]
+    return train_args(data, run_dir, "trainer.micro_batch_size=2", "trainer.grad_accum=2",
+                      f"trainer.max_steps={STEPS}", "trainer.save_every=2", "trainer.eval_every=4", "optim.lr=2e-3",
+                      "trainer.neftune_alpha=5", "peft.dropout=0.1", *extra)
 
 
 def _sft(args: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -50,14 +49,24 @@ def _sft(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Compl
                           text=True, timeout=600, **kwargs)
 
 
+def _metric_lines(run_dir: Path) -> list[dict]:
+    """Every whole metrics line but the timings (the machine's, not the run's); a line torn by a
+    kill is left out."""
+    timing = ("tokens_per_sec", "elapsed_s", "mfu", "peak_mem_mb")
+    lines = []
+    for text in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            lines.append({k: v for k, v in json.loads(text).items() if k not in timing})
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
 def _trajectory(run_dir: Path) -> tuple[list, dict]:
     """(every metrics line but the timings, final trainable weights): what 'same run' means."""
     from safetensors.torch import load_file
 
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    timing = ("tokens_per_sec", "elapsed_s", "mfu", "peak_mem_mb")  # the machine's, not the run's
-    lines = [{k: v for k, v in r.items() if k not in timing} for r in lines]
-    return lines, load_file(str(run_dir / "checkpoints" / f"step-{STEPS}" / "trainable.safetensors"))
+    return _metric_lines(run_dir), load_file(str(run_dir / "checkpoints" / f"step-{STEPS}" / "trainable.safetensors"))
 
 
 def _same_run(run_dir: Path, baseline) -> bool:
@@ -93,15 +102,18 @@ def _last_step(metrics: Path) -> int:
     return 0
 
 
-def kill_at_random_moments(args: list[str], run_dir: Path, kills: int, seed: int) -> int:
+def kill_at_random_moments(args: list[str], run_dir: Path, kills: int, seed: int,
+                           after_a_kill=lambda finished: None) -> int:
     """Launch `sft train` again and again, SIGKILLing the whole process group at a random moment
-    after a random step, until it finishes; returns how many kills landed."""
+    after a random step, until it finishes; returns how many kills landed. When the process that
+    resumed from a kill ends (killed in turn, or finished), `after_a_kill(finished)` is called."""
     rng = random.Random(seed)
     targets = sorted(rng.sample(range(1, STEPS), kills))
-    landed = 0
+    landed, resumed_from_a_kill = 0, False
     for target in [*targets, None]:
         proc = subprocess.Popen([sys.executable, "-m", "sft_cli", *args], cwd=REPO, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        killed = False
         if target is not None:
             deadline = time.time() + 300
             while proc.poll() is None and _last_step(run_dir / "metrics.jsonl") < target and time.time() < deadline:
@@ -109,8 +121,11 @@ def kill_at_random_moments(args: list[str], run_dir: Path, kills: int, seed: int
             time.sleep(rng.uniform(0, 0.4))  # anywhere in the next step: forward, backward, save, eval
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-                landed += 1
+                landed, killed = landed + 1, True
         _, err = proc.communicate(timeout=600)
+        if resumed_from_a_kill:
+            after_a_kill(finished=not killed)
+        resumed_from_a_kill = killed
         if target is None:
             assert proc.returncode == 0, err[-3000:]
     return landed
@@ -120,17 +135,28 @@ def kill_at_random_moments(args: list[str], run_dir: Path, kills: int, seed: int
     pytest.param(2, id="2-kills"),
     pytest.param(5, id="5-kills", marks=SLOW),
 ])
-def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data, baseline, tmp_path, kills,
-                                                                    record_property):
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(data, baseline, tmp_path, kills, trials):
+    # A trial per kill that landed: the process resumed after it stayed on the uninterrupted run's
+    # trajectory (its metrics so far are the uninterrupted run's first lines; when it finished, the
+    # whole run is the uninterrupted one, weights included).
     run_dir = tmp_path / "run"
-    landed = kill_at_random_moments(_args(data, run_dir), run_dir, kills, seed=kills)
+
+    def recovered(finished: bool) -> None:
+        with trials.trial(f"kill {trials.count + 1}"):
+            if finished:
+                assert _same_run(run_dir, baseline)
+            else:
+                lines = _metric_lines(run_dir)
+                assert lines == baseline[0][:len(lines)]
+
+    landed = kill_at_random_moments(_args(data, run_dir), run_dir, kills, seed=kills, after_a_kill=recovered)
+    assert trials.count == landed
+    trials.check()
     assert landed >= kills - 1  # a kill aimed at the very end may find the run already done
     assert _same_run(run_dir, baseline)
-    record_property("trials", landed)
-    record_property("passes", landed)
 
 
-def test_sigkill_while_writing_a_checkpoint_is_ignored_on_restart(data, baseline, tmp_path, record_property):
+def test_sigkill_while_writing_a_checkpoint_is_ignored_on_restart(data, baseline, tmp_path):
     run_dir = tmp_path / "run"
     killed = _sft(_args(data, run_dir), env={"SFT_FAULT_KILL_AT": "checkpoint:6"})
     assert killed.returncode == -signal.SIGKILL
@@ -141,8 +167,6 @@ def test_sigkill_while_writing_a_checkpoint_is_ignored_on_restart(data, baseline
     assert "resuming from" in resumed.stderr and "step-4" in resumed.stderr
     assert not (checkpoints / ".step-6.tmp").exists()  # the leftover is cleaned, never read
     assert _same_run(run_dir, baseline)
-    record_property("trials", 1)
-    record_property("passes", 1)
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -154,8 +178,7 @@ def _flip_a_byte(path: Path) -> None:
 @pytest.mark.parametrize("damage", ["flip-weights", pytest.param("flip-optimizer", marks=SLOW),
                                     pytest.param("truncate-rng", marks=SLOW),
                                     pytest.param("delete-scheduler", marks=SLOW)])
-def test_checkpoint_failing_its_checksums_is_refused_and_the_previous_used(data, baseline, tmp_path, damage,
-                                                                            record_property):
+def test_checkpoint_failing_its_checksums_is_refused_and_the_previous_used(data, baseline, tmp_path, damage):
     run_dir = tmp_path / "run"
     assert _sft(_args(data, run_dir), env={"SFT_FAULT_KILL_STEP": "7"}).returncode == -signal.SIGKILL
     newest = run_dir / "checkpoints" / "step-6"
@@ -173,8 +196,6 @@ def test_checkpoint_failing_its_checksums_is_refused_and_the_previous_used(data,
     assert "refusing checkpoint" in resumed.stderr and "step-6" in resumed.stderr
     assert "resuming from" in resumed.stderr and "step-4" in resumed.stderr
     assert _same_run(run_dir, baseline)
-    record_property("trials", 1)
-    record_property("passes", 1)
 
 
 def test_all_checkpoints_damaged_is_a_clear_error_not_a_silent_restart(data, tmp_path):
@@ -187,8 +208,7 @@ def test_all_checkpoints_damaged_is_a_clear_error_not_a_silent_restart(data, tmp
     assert "Traceback" not in result.stderr
 
 
-def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_survives(data, baseline, tmp_path,
-                                                                                     record_property):
+def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_survives(data, baseline, tmp_path):
     run_dir = tmp_path / "run"
     full = _sft(_args(data, run_dir), env={"SFT_FAULT_ENOSPC_AT": "checkpoint:6"})
     assert full.returncode == 1, full.stderr[-3000:]
@@ -202,26 +222,26 @@ def test_disk_full_while_saving_is_a_clear_error_and_the_previous_checkpoint_sur
     resumed = _sft(_args(data, run_dir))
     assert resumed.returncode == 0 and "step-4" in resumed.stderr, resumed.stderr[-3000:]
     assert _same_run(run_dir, baseline)
-    record_property("trials", 1)
-    record_property("passes", 1)
 
 
-def test_non_finite_loss_is_skipped_and_reported_and_repeated_stops_cleanly(data, tmp_path, record_property):
+def test_non_finite_loss_is_skipped_and_reported_and_repeated_stops_cleanly(data, tmp_path, trials):
     from safetensors.torch import load_file
 
-    once = _sft(_args(data, tmp_path / "once"), env={"SFT_FAULT_NAN_STEPS": "3"})
-    assert once.returncode == 0, once.stderr[-3000:]
-    assert "step 3: non-finite" in once.stderr
-    weights = load_file(str(tmp_path / "once" / "checkpoints" / f"step-{STEPS}" / "trainable.safetensors"))
-    assert all(torch.isfinite(t).all() for t in weights.values())
-    repeated = _sft(_args(data, tmp_path / "rep", "trainer.max_bad_steps=2"), env={"SFT_FAULT_NAN_STEPS": "3,4,5,6"})
-    assert repeated.returncode == 1 and "non-finite steps in a row" in repeated.stderr
-    assert "Traceback" not in repeated.stderr
-    for folder in (tmp_path / "rep" / "checkpoints").glob("step-*"):  # NaN weights are never saved
-        saved = load_file(str(folder / "trainable.safetensors"))
-        assert all(torch.isfinite(t).all() for t in saved.values())
-    record_property("trials", 2)
-    record_property("passes", 2)
+    with trials.trial("one non-finite step"):
+        once = _sft(_args(data, tmp_path / "once"), env={"SFT_FAULT_NAN_STEPS": "3"})
+        assert once.returncode == 0, once.stderr[-3000:]
+        assert "step 3: non-finite" in once.stderr
+        weights = load_file(str(tmp_path / "once" / "checkpoints" / f"step-{STEPS}" / "trainable.safetensors"))
+        assert all(torch.isfinite(t).all() for t in weights.values())
+    with trials.trial("non-finite steps past max_bad_steps"):
+        repeated = _sft(_args(data, tmp_path / "rep", "trainer.max_bad_steps=2"),
+                        env={"SFT_FAULT_NAN_STEPS": "3,4,5,6"})
+        assert repeated.returncode == 1 and "non-finite steps in a row" in repeated.stderr
+        assert "Traceback" not in repeated.stderr
+        for folder in (tmp_path / "rep" / "checkpoints").glob("step-*"):  # NaN weights are never saved
+            saved = load_file(str(folder / "trainable.safetensors"))
+            assert all(torch.isfinite(t).all() for t in saved.values())
+    trials.check()
 
 
 def _dataset_rows(folder: Path) -> list:
@@ -232,30 +252,31 @@ def _dataset_rows(folder: Path) -> list:
 
 
 @pytest.mark.parametrize("stage", ["prepare", pytest.param("pack", marks=SLOW)])
-def test_killed_prepare_or_pack_is_rebuilt_never_read(data, tmp_path, stage, record_property):
+def test_killed_prepare_or_pack_is_rebuilt_never_read(data, tmp_path, stage, trials):
     out_name = {"prepare": "prepared", "pack": "packed"}[stage]
     clean, run_dir = tmp_path / "clean", tmp_path / "run"
     args = lambda d, *extra: [stage, *_args(data, d, *extra)[1:]]  # noqa: E731
     assert _sft(args(clean)).returncode == 0
-    # Killed with everything written but not yet renamed into place: nothing under the real name.
-    killed = _sft(args(run_dir), env={"SFT_FAULT_KILL_AT": out_name})
-    assert killed.returncode == -signal.SIGKILL
-    assert not (run_dir / out_name).exists() and list(run_dir.glob(f".{out_name}.tmp-*"))
-    rebuilt = _sft(args(run_dir))
-    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
-    assert not list(run_dir.glob(f".{out_name}.tmp-*"))  # the dead writer's leftover is removed
-    assert _dataset_rows(run_dir / out_name) == _dataset_rows(clean / out_name)
-    # Killed while replacing an older complete output (a changed config): the old one stays whole
-    # and is recognised as stale by its fingerprint, so the next run rebuilds it.
-    changed = _sft(args(run_dir, "max_seq_len=200"), env={"SFT_FAULT_KILL_AT": out_name})
-    assert changed.returncode == -signal.SIGKILL
-    assert _dataset_rows(run_dir / out_name) == _dataset_rows(clean / out_name)
-    again = _sft(args(run_dir, "max_seq_len=200"))
-    assert again.returncode == 0, again.stderr[-3000:]
-    report = json.loads((run_dir / out_name / "report.json").read_text())
-    assert report["max_seq_len"] == 200
-    record_property("trials", 2)
-    record_property("passes", 2)
+    with trials.trial("killed before its output is in place"):
+        # Everything written but not yet renamed into place: nothing under the real name.
+        killed = _sft(args(run_dir), env={"SFT_FAULT_KILL_AT": out_name})
+        assert killed.returncode == -signal.SIGKILL
+        assert not (run_dir / out_name).exists() and list(run_dir.glob(f".{out_name}.tmp-*"))
+        rebuilt = _sft(args(run_dir))
+        assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+        assert not list(run_dir.glob(f".{out_name}.tmp-*"))  # the dead writer's leftover is removed
+        assert _dataset_rows(run_dir / out_name) == _dataset_rows(clean / out_name)
+    with trials.trial("killed while replacing an older output"):
+        # A changed config: the old output stays whole and is recognised as stale by its
+        # fingerprint, so the next run rebuilds it.
+        changed = _sft(args(run_dir, "max_seq_len=200"), env={"SFT_FAULT_KILL_AT": out_name})
+        assert changed.returncode == -signal.SIGKILL
+        assert _dataset_rows(run_dir / out_name) == _dataset_rows(clean / out_name)
+        again = _sft(args(run_dir, "max_seq_len=200"))
+        assert again.returncode == 0, again.stderr[-3000:]
+        report = json.loads((run_dir / out_name / "report.json").read_text())
+        assert report["max_seq_len"] == 200
+    trials.check()
 
 
 class _RunsCodeOnLoad:
@@ -266,7 +287,7 @@ class _RunsCodeOnLoad:
         return (open, (str(self.sentinel), "w"))
 
 
-def test_a_checkpoint_file_that_would_run_code_is_refused(data, tmp_path, record_property):
+def test_a_checkpoint_file_that_would_run_code_is_refused(data, tmp_path):
     """a checkpoint that would run code on load (checksums forged to match) is refused"""
     import pickle
 
@@ -283,5 +304,3 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(data, tmp_path, record
     assert result.returncode == 1 and "refusing to load" in result.stderr and "scheduler.pt" in result.stderr
     assert "Traceback" not in result.stderr
     assert not sentinel.exists()
-    record_property("trials", 1)
-    record_property("passes", 1)

@@ -52,9 +52,8 @@ def record(record_property, trials: int, passes: int) -> None:
 # ---- trust_remote_code ----------------------------------------------------------------------
 
 
-def test_trust_remote_code_defaults_off(record_property):
+def test_trust_remote_code_defaults_off():
     assert SFTConfig().model.trust_remote_code is False
-    record(record_property, 1, 1)
 
 
 def _literal_true_remote_code(tree: ast.AST) -> list[int]:
@@ -73,9 +72,9 @@ def _literal_true_remote_code(tree: ast.AST) -> list[int]:
 
 
 def test_no_source_hard_codes_trust_remote_code(record_property):
-    offenders = [f"{p.relative_to(REPO)}:{line}" for p in SOURCES
-                 for line in _literal_true_remote_code(ast.parse(p.read_text()))]
-    record(record_property, len(SOURCES), len(SOURCES) - len(offenders))
+    found = {p: _literal_true_remote_code(ast.parse(p.read_text())) for p in SOURCES}
+    offenders = [f"{p.relative_to(REPO)}:{line}" for p, lines in found.items() for line in lines]
+    record(record_property, len(SOURCES), sum(not lines for lines in found.values()))  # a trial per module
     assert not offenders
 
 
@@ -185,25 +184,40 @@ def unsafe_calls(tree: ast.AST) -> tuple[int, list[str]]:
     return inspected, problems
 
 
-def test_the_scanner_catches_what_it_looks_for(record_property):
-    """A scanner that finds nothing proves nothing unless it finds planted problems."""
-    planted = ("from pickle import loads\nfrom hydra.utils import instantiate\ntorch.load(f)\ntorch.load(f, weights_only=False)\n"
-               "yaml.load(s)\nyaml.load(s, Loader=yaml.FullLoader)\neval(x)\nsubprocess.run(c, shell=True)\n"
-               "np.load(f, allow_pickle=True)\nfoo(trust_remote_code=True)\n")
-    assert len(unsafe_calls(ast.parse(planted))[1]) == 9
-    assert sorted(_literal_true_remote_code(ast.parse(planted + "d = {'trust_remote_code': True}\n"))) == [10, 11]
-    assert unsafe_calls(ast.parse("torch.load(f, weights_only=True)\nyaml.load(s, Loader=yaml.SafeLoader)\n"
-                                  "model.eval()\nre.compile(p)\n"))[1] == []
-    record(record_property, 12, 12)  # 9 planted problems + 2 literal trust_remote_code + 1 clean module
+PLANTED = ["from pickle import loads", "from hydra.utils import instantiate", "torch.load(f)",
+           "torch.load(f, weights_only=False)", "yaml.load(s)", "yaml.load(s, Loader=yaml.FullLoader)", "eval(x)",
+           "subprocess.run(c, shell=True)", "np.load(f, allow_pickle=True)"]
+
+
+def test_the_scanner_catches_what_it_looks_for(trials):
+    """A scanner that finds nothing proves nothing unless it finds planted problems.
+
+    A trial per planted problem (9 unsafe calls, 2 literal trust_remote_code), one for a clean module."""
+    module = ast.parse("\n".join(PLANTED))
+    found = {int(problem.split(":")[0]) for problem in unsafe_calls(module)[1]}
+    for line, code in enumerate(PLANTED, start=1):
+        with trials.trial(code):
+            assert line in found, f"not caught: {code}"
+    remote = ["foo(trust_remote_code=True)", "d = {'trust_remote_code': True}"]
+    for line, code in enumerate(remote, start=1):
+        with trials.trial(code):
+            assert _literal_true_remote_code(ast.parse("\n".join(remote))).count(line) == 1, f"not caught: {code}"
+    with trials.trial("a clean module"):
+        assert unsafe_calls(ast.parse("torch.load(f, weights_only=True)\nyaml.load(s, Loader=yaml.SafeLoader)\n"
+                                      "model.eval()\nre.compile(p)\n"))[1] == []
+    trials.check()
+    assert len(unsafe_calls(module)[1]) == len(PLANTED)  # one problem each, nothing counted twice
 
 
 def test_no_unsafe_deserialisation_or_dynamic_code(record_property):
-    inspected, offenders = 0, []
+    inspected, offenders, clean = 0, [], 0
     for path in SOURCES:
         calls, problems = unsafe_calls(ast.parse(path.read_text()))
         inspected += calls
+        clean += not problems
         offenders += [f"{path.relative_to(REPO)}:{p}" for p in problems]
-    record(record_property, inspected, inspected - len(offenders))
+    record(record_property, len(SOURCES), clean)  # a trial per module
+    record_property("calls_inspected", inspected)
     assert not offenders, offenders
 
 
@@ -215,13 +229,12 @@ def _open_payload(sentinel: Path) -> dict:
     return {"_target_": "builtins.open", "_args_": [str(sentinel), "w"]}
 
 
-def test_the_payload_is_live(tmp_path, record_property):
+def test_the_payload_is_live(tmp_path):
     """Control: instantiating the payload does create the file, so its absence below means something."""
     from hydra.utils import instantiate
 
     instantiate(_open_payload(tmp_path / "control")).close()
     assert (tmp_path / "control").exists()
-    record(record_property, 1, 1)
 
 
 def test_recipe_with_a_callback_target_is_refused(tmp_path, sft, record_property):
@@ -252,7 +265,7 @@ def _recipes(sentinel: Path) -> dict[str, tuple[str, str]]:
 
 
 @pytest.mark.parametrize("case", list(_recipes(Path("/x"))))
-def test_recipes_that_reach_code_are_refused(tmp_path, case, record_property):
+def test_recipes_that_reach_code_are_refused(tmp_path, case):
     sentinel = tmp_path / "SENTINEL"
     text, key = _recipes(sentinel)[case]
     recipe = tmp_path / "evil.yaml"
@@ -260,33 +273,35 @@ def test_recipes_that_reach_code_are_refused(tmp_path, case, record_property):
     outcome = run_cli(f"recipe={recipe}", f"run_dir={tmp_path / 'run'}")
     assert_config_error(outcome, key)
     assert not sentinel.exists()
-    record(record_property, 1, 1)
 
 
-def test_command_line_targets_are_refused(tmp_path, record_property):
+def test_command_line_targets_are_refused(tmp_path, trials):
     sentinel = tmp_path / "SENTINEL"
     cases = [(f"+hydra.callbacks.evil={{_target_: builtins.open, _args_: ['{sentinel}', w]}}", "hydra.callbacks.evil"),
              ("+hydra.callbacks.evil._target_=builtins.print", "hydra.callbacks.evil._target_"),
              ("data.sources=[{path: x.jsonl, columns: {_target_: builtins.open}}]", "data.sources")]
     for override, key in cases:
-        assert_config_error(run_cli("recipe=demo", f"run_dir={tmp_path / 'run'}", override), key)
-    assert not sentinel.exists()
-    record(record_property, len(cases), len(cases))
+        with trials.trial(override):
+            assert_config_error(run_cli("recipe=demo", f"run_dir={tmp_path / 'run'}", override), key)
+            assert not sentinel.exists()
+    trials.check()
 
 
-def test_saved_run_config_and_shipped_configs_still_load(tmp_path, record_property):
+def test_saved_run_config_and_shipped_configs_still_load(tmp_path, trials):
     """The refusal must not catch what is legitimately passed as a recipe."""
     cfg = SFTConfig(run_dir=str(tmp_path / "orig"), seed=7)
     cfg.model.name_or_path = "builtin:tiny-llama-chatml"
     saved = tmp_path / "orig" / "config.yaml"
     saved.parent.mkdir()
     saved.write_text(to_yaml(cfg))  # what every run writes to run_dir/config.yaml
-    outcome = run_cli(f"recipe={saved}", f"run_dir={tmp_path / 'replay'}")
-    assert outcome.code == 0 and outcome.ran[0].seed == 7, outcome.err
+    with trials.trial("a saved run config.yaml"):
+        outcome = run_cli(f"recipe={saved}", f"run_dir={tmp_path / 'replay'}")
+        assert outcome.code == 0 and outcome.ran[0].seed == 7, outcome.err
     shipped = [p for p in CONFIG_FILES if p != REPO / "conf" / "config.yaml"]  # the primary config is ours
     for path in shipped:
-        cli._refuse_code_in_recipe(path, path.read_text())
-    record(record_property, 1 + len(shipped), 1 + len(shipped))
+        with trials.trial(str(path.relative_to(REPO))):
+            cli._refuse_code_in_recipe(path, path.read_text())  # raises ConfigError if refused
+    trials.check()
 
 
 # ---- paths: sweep points and source names ---------------------------------------------------
@@ -318,16 +333,17 @@ def test_point_names_stay_one_folder_inside_run_dir(tmp_path, record_property):
         record(record_property, counts["trials"], counts["passes"])
 
 
-def test_swept_values_cannot_move_a_point_out_of_the_sweep(tmp_path, record_property):
+def test_swept_values_cannot_move_a_point_out_of_the_sweep(tmp_path, trials):
     """The real join (cli._name_sweep_point) through a real -m sweep, with the verb stubbed."""
     root = tmp_path / "sweep"
     outcome = run_cli("-m", "recipe=demo", f"run_dir={root}", "data.chat_template=../../x,/abs,..,'a\nb'")
     assert outcome.code == 0, outcome.err
     run_dirs = [Path(cfg.run_dir) for cfg in outcome.ran]
-    assert len(run_dirs) == 4
     for run_dir in run_dirs:
-        assert run_dir.resolve().parent == root.resolve(), run_dir
-    record(record_property, len(run_dirs), len(run_dirs))
+        with trials.trial(repr(run_dir.name)):
+            assert run_dir.resolve().parent == root.resolve(), run_dir
+    trials.check()
+    assert len(run_dirs) == 4
 
 
 def test_source_names_are_labels_not_paths(tiny_dir, tmp_path, sft, record_property):
@@ -353,11 +369,10 @@ def test_source_names_are_labels_not_paths(tiny_dir, tmp_path, sft, record_prope
 # ---- missing paths --------------------------------------------------------------------------
 
 
-def test_missing_recipe_path_is_a_config_error(tmp_path, record_property):
+def test_missing_recipe_path_is_a_config_error(tmp_path):
     missing = tmp_path / "no" / "such.yaml"
     outcome = run_cli(f"recipe={missing}")
     assert_config_error(outcome, str(missing))
-    record(record_property, 1, 1)
 
 
 def test_missing_data_path_names_it(tmp_path, sft, record_property):
