@@ -128,12 +128,6 @@ def forward_loss(engine, batch: dict) -> torch.Tensor:
     return engine(**model_inputs(batch), target_index=batch["target_index"], targets=batch["targets"])
 
 
-def row_lengths(rows: datasets.Dataset) -> list[int]:
-    import pyarrow.compute as pc
-
-    return pc.list_value_length(rows.data.column("input_ids")).to_numpy().tolist()
-
-
 def to_device(batch: dict, where: torch.device) -> dict:
     return {k: v.to(where, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -276,8 +270,9 @@ def train(cfg: SFTConfig) -> int:
 
     rows = splits["train"].select_columns(["input_ids", "labels", "position_ids", "seq_lens"])
     eval_rows = splits["eval"].select_columns(rows.column_names) if "eval" in splits else None
+    counts = RowCounts.of(rows)  # per-row tokens and targets: batch grouping, step totals, MFU
     plan = StepPlan(len(rows), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, w.world_size, cfg.seed,
-                    lengths=row_lengths(rows) if cfg.pack.strategy == "none" else None)
+                    lengths=counts.tokens.tolist() if cfg.pack.strategy == "none" else None)
     if plan.steps_per_epoch == 0:
         raise ConfigError("trainer.micro_batch_size", f"{len(rows)} packed rows cannot fill one step of "
                           f"{plan.micro_batches_per_step} micro-batches", "lower micro_batch_size or grad_accum")
@@ -320,7 +315,7 @@ def train(cfg: SFTConfig) -> int:
                        flat=info["attn_implementation"] in VARLEN_BACKENDS)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    counts, config = RowCounts.of(rows), unwrap(model).config
+    config = unwrap(model).config
     device_peak = peak_flops(where, precision.compute)
 
     step, state = 0, {"tokens": 0, "loss_tokens": 0, "bad_streak": 0, "elapsed_s": 0.0}
