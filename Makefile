@@ -5,7 +5,7 @@ SFT     := .venv/bin/sft
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint reliability bench bench-prepare bench-pack bench-train clean
+.PHONY: install demo test test-slow lint reliability bench bench-prepare bench-pack bench-train clean
 
 install: $(STAMP)
 
@@ -30,8 +30,14 @@ demo: install
 	@echo "demo done: loss curve runs/demo/loss_curve.png | eval runs/demo/eval/report.json, \
 	runs/demo/eval/generations.jsonl, runs/demo/eval/comparison.png | merged model runs/demo/merged"
 
+# make test: everything that runs in this process or a short subprocess (~4 min on 2 cores).
+# make test-slow: the multi-process ones (torchrun, SIGKILL + resume) and the real-model checks.
+# CI (.ci/run) runs both; together they are every test but the opt-in reliability_slow battery.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow and not reliability_slow"
+
+test-slow: install
+	$(PY) -m pytest -m "slow and not reliability_slow"
 
 # The whole reliability battery (slow fault tests, more hypothesis examples, 1M-row scale run)
 # -> RELIABILITY.md. `make test` runs its fast subset.

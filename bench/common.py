@@ -210,7 +210,7 @@ week final gave green quick develop ocean warm free minute strong special mind b
 street inch multiply nothing course stay wheel full force blue object decide surface deep moon island foot
 system busy test record boat common gold possible plane stead dry wonder laugh thousand ago ran check game
 shape equate miss brought heat snow tire bring distant fill east paint language among grand ball yet wave
-drop heart present heavy dance engine position arm wide sail material size vary settle speak weight general
+drop heart present heavy dance parallel_model position arm wide sail material size vary settle speak weight general
 ice matter circle pair include divide syllable felt perhaps pick sudden count square reason length represent
 art subject region energy hunt probable bed brother egg ride cell believe fraction forest sit race window store
 summer train sleep prove lone exercise wall catch mount wish sky board joy winter written wild instrument kept

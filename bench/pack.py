@@ -7,7 +7,7 @@ examples by default) each configuration runs in a fresh subprocess, which report
 the timed call alone, the packing it produced and its own peak RSS (getrusage):
 
     ours bfd_bins         sft_cli.data.packing.bfd_bins(lengths, 2048): the pure algorithm
-    ours plan_rows bfd    sft_cli.data.pack.plan_rows(lengths, "bfd", 2048, seed): bins + row shuffle
+    ours plan_rows bfd    sft_cli.pack.plan_rows(lengths, "bfd", 2048, seed): bins + row shuffle
     ours sft pack         what `sft pack` does per split, on a prepared-like split (`input_ids`,
                           `labels`, `num_tokens`): plan_rows(split["num_tokens"], ...) + _write_split,
                           packed input_ids, labels, position_ids, seq_lens, example_ids written as
@@ -208,8 +208,8 @@ def worker(spec: dict) -> dict:
     task, n, seed = spec["task"], spec["n"], spec["seed"]
     lengths, _ = lengths_of(n, seed)
     if task in ("bins", "plan", "wrapped"):
-        from sft_cli.data.pack import plan_rows
         from sft_cli.data.packing import bfd_bins
+        from sft_cli.pack import plan_rows
 
         start = time.perf_counter()
         if task == "bins":
@@ -239,7 +239,7 @@ def worker(spec: dict) -> dict:
         raise AssertionError("the token file does not hold this size's lengths")
     out = Path(spec["out"])
     if task == "pack":
-        from sft_cli.data.pack import _write_split, plan_rows
+        from sft_cli.pack import _write_split, plan_rows
 
         # What ensure_packed does per split, save_to_disk aside; its plan_rows(split["num_tokens"], ...)
         # in two steps, so the reading of the lengths is timed on its own too (plan_rows' asarray is then free).

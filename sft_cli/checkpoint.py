@@ -20,7 +20,7 @@ which checkpoint to load. Everything is loaded onto the CPU with `torch.load(wei
 or safetensors: a checkpoint cannot run code, and loads on any number and kind of devices (the
 world size may differ from the one that saved it; train.py's run identity decides what resumes).
 
-    save_checkpoint(run_dir, step, model, engine, optimizer, scheduler, state, cfg, fingerprints, keep_last)
+    save_checkpoint(run_dir, step, model, parallel_model, optimizer, scheduler, state, cfg, fingerprints, keep_last)
     resume_from = resumable_checkpoint(run_dir)   # newest complete step-N whose files verify, or None
 """
 
@@ -40,7 +40,12 @@ import torch
 import torch.distributed as dist
 
 from sft_cli import console as ui
-from sft_cli.artifacts import (
+from sft_cli.config import SFTConfig, to_yaml
+from sft_cli.distributed import barrier, device, is_fsdp, world
+from sft_cli.errors import SFTError
+from sft_cli.faults import fault_point
+from sft_cli.model import unwrap
+from sft_cli.run_dir import (
     MANIFEST,
     atomic_dir,
     hash_file,
@@ -50,11 +55,6 @@ from sft_cli.artifacts import (
     write_json_atomic,
     write_manifest,
 )
-from sft_cli.config import SFTConfig, to_yaml
-from sft_cli.distributed import barrier, device, is_fsdp, world
-from sft_cli.errors import SFTError
-from sft_cli.faults import fault_point
-from sft_cli.model import unwrap
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -97,16 +97,16 @@ def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(tensor)
 
 
-def _sharded_state(engine, optimizer):
+def _sharded_state(parallel_model, optimizer):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model_state, optim_state = get_state_dict(engine, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    model_state, optim_state = get_state_dict(parallel_model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     return {"model": model_state, "optim": optim_state}
 
 
-def save_checkpoint(run_dir: Path, step: int, model, engine, optimizer, scheduler, state: dict, cfg: SFTConfig,
+def save_checkpoint(run_dir: Path, step: int, model, parallel_model, optimizer, scheduler, state: dict, cfg: SFTConfig,
                     fingerprints: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. `model` is the bare (peft) model, `engine` what trains it."""
+    """Collective: every rank calls it. `model` is the bare (peft) model, `parallel_model` what trains it."""
     w = world()
     final = Path(run_dir) / "checkpoints" / f"step-{step}"
     tmp = final.parent / f".step-{step}.tmp"
@@ -116,7 +116,7 @@ def save_checkpoint(run_dir: Path, step: int, model, engine, optimizer, schedule
         tmp.mkdir(parents=True)
     barrier()
     try:
-        _write_checkpoint_files(tmp, step, model, engine, optimizer, scheduler, state, cfg)
+        _write_checkpoint_files(tmp, step, model, parallel_model, optimizer, scheduler, state, cfg)
         barrier()  # every rank's files are written: now they can be hashed
         files = file_checksums(tmp)
         if w.is_main:
@@ -136,14 +136,14 @@ def save_checkpoint(run_dir: Path, step: int, model, engine, optimizer, schedule
     return final
 
 
-def _write_checkpoint_files(tmp: Path, step: int, model, engine, optimizer, scheduler, state, cfg) -> None:
+def _write_checkpoint_files(tmp: Path, step: int, model, parallel_model, optimizer, scheduler, state, cfg) -> None:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
     w = world()
     torch.save(rng_state(), tmp / f"rng-rank{w.rank}.pt")
-    if is_fsdp(engine):
-        dcp.save(_sharded_state(engine, optimizer), checkpoint_id=str(tmp / "dcp"))
+    if is_fsdp(parallel_model):
+        dcp.save(_sharded_state(parallel_model, optimizer), checkpoint_id=str(tmp / "dcp"))
     elif w.is_main:  # DDP replicas are identical: one copy is enough
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -275,7 +275,7 @@ def _load_tensors(path: Path):
                        "Checkpoints never run code on load; restore the file or use trainer.resume=never.") from None
 
 
-def load_checkpoint(folder: Path, model, engine, optimizer, scheduler) -> dict:
+def load_checkpoint(folder: Path, model, parallel_model, optimizer, scheduler) -> dict:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -283,16 +283,16 @@ def load_checkpoint(folder: Path, model, engine, optimizer, scheduler) -> dict:
     w = world()
     # Any world size: plain files are one copy of everything, DCP reshards on load; whether the
     # step still means the same rows is train.py's run identity check, done before this. The
-    # files, not this run's engine, say how to read: parallel=auto picks FSDP2 for a big full
+    # files, not this run's parallel_model, say how to read: parallel=auto picks FSDP2 for a big full
     # fine-tune on several GPUs but nothing on one, so a run may change format when it resumes.
     state = json.loads((folder / "trainer_state.json").read_text())
     if (folder / "dcp").is_dir():  # into FSDP2 shards, DDP replicas or one process alike
-        shards = _sharded_state(engine, optimizer)
+        shards = _sharded_state(parallel_model, optimizer)
         dcp.load(shards, checkpoint_id=str(folder / "dcp"))
-        set_state_dict(engine, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optim"],
+        set_state_dict(parallel_model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optim"],
                        options=StateDictOptions(ignore_frozen_params=True))
-    elif is_fsdp(engine):
-        _load_full_into_fsdp(folder, model, engine, optimizer)
+    elif is_fsdp(parallel_model):
+        _load_full_into_fsdp(folder, model, parallel_model, optimizer)
     else:
         load_trainable_state(model, load_file(str(folder / "trainable.safetensors")))
         optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt"))
@@ -306,26 +306,26 @@ def load_checkpoint(folder: Path, model, engine, optimizer, scheduler) -> dict:
     return state
 
 
-def _load_full_into_fsdp(folder: Path, model, engine, optimizer) -> None:
+def _load_full_into_fsdp(folder: Path, model, parallel_model, optimizer) -> None:
     """Plain files (one process or DDP wrote them) into FSDP2: every rank reads the full tensors
     and keeps its shard. FSDP2 loads by parameter name; optimizer.pt numbers parameters by their
     position over the optimizer's param groups, which build_optimizer makes the same every run."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    name_in_engine = {id(p): name for name, p in engine.named_parameters()}
+    name_in_parallel = {id(p): name for name, p in parallel_model.named_parameters()}
     weights = load_file(str(folder / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [name for name in weights if name not in params]
     if missing:
         raise SFTError(f"checkpoint has weights the model lacks: {missing[:3]}")
-    model_state = {name_in_engine[id(params[name])]: tensor for name, tensor in weights.items()}
+    model_state = {name_in_parallel[id(params[name])]: tensor for name, tensor in weights.items()}
     saved = _load_tensors(folder / "optimizer.pt")
-    by_position = [name_in_engine[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    by_position = [name_in_parallel[id(p)] for group in optimizer.param_groups for p in group["params"]]
     optim_state = {"state": {by_position[i]: value for i, value in saved["state"].items()},
                    "param_groups": [{**group, "params": [by_position[i] for i in group["params"]]}
                                     for group in saved["param_groups"]]}
-    set_state_dict(engine, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+    set_state_dict(parallel_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                    options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
 
 
@@ -356,14 +356,14 @@ def checkpoint_manifest(folder: Path) -> dict:
     return read_manifest(folder) or {}
 
 
-def save_final(run_dir: Path, model, engine, tokenizer, stop_token_ids: list[int]) -> Path:
+def save_final(run_dir: Path, model, parallel_model, tokenizer, stop_token_ids: list[int]) -> Path:
     """`final/`: loads with AutoModelForCausalLM (full) or PeftModel (LoRA), tokenizer beside it.
     Collective under FSDP2 (the full weights are gathered to rank 0 first)."""
     state_dict = None
-    if is_fsdp(engine):
+    if is_fsdp(parallel_model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(engine, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(parallel_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         state_dict = {name.removeprefix("model."): tensor for name, tensor in full.items()}
     out = Path(run_dir) / "final"
     if world().is_main:

@@ -42,8 +42,8 @@ RECIPES_DIR = _package_dir("sft_cli.recipes")
 
 # verb -> (module with `run(cfg) -> int`, one-line description)
 VERBS: dict[str, tuple[str, str]] = {
-    "prepare": ("sft_cli.data.prepare", "raw data -> validated, chat-templated, tokenized, loss-masked examples"),
-    "pack": ("sft_cli.data.pack", "examples -> fixed-length packed rows with no cross-example attention"),
+    "prepare": ("sft_cli.prepare", "raw data -> validated, chat-templated, tokenized, loss-masked examples"),
+    "pack": ("sft_cli.pack", "examples -> fixed-length packed rows with no cross-example attention"),
     "train": ("sft_cli.train", "LoRA or full fine-tuning: packing, loss masking, NEFTune, exact resume"),
     "evaluate": ("sft_cli.evaluate", "loss/perplexity, generations, forgetting and diversity checks"),
     "merge-lora": ("sft_cli.merge", "fold the LoRA adapter into the base and save a plain HF model"),

@@ -27,7 +27,7 @@ DTYPES = ("float32", "bfloat16", "float16")  # model.dtype, or auto
 # model.attn_implementation, or auto: the backends that keep packed examples apart given restarting
 # position_ids (see data/collate.py); whether one runs on this machine is model.pick_attention's call.
 ATTENTION_BACKENDS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
-PACK_STRATEGIES = ("bfd", "wrapped", "none")  # pack.strategy (data/pack.py)
+PACK_STRATEGIES = ("bfd", "wrapped", "none")  # pack.strategy (pack.py)
 SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule (schedule.py)
 PEFT_METHODS = ("lora", "none")
 RESUME_MODES = ("auto", "never")
@@ -35,7 +35,7 @@ PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp")
 # merge.max_shard_size: a number and a unit, as huggingface_hub parses it (500MB, 2GB).
 SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*[KMGT]B\s*$", re.IGNORECASE)
 MIN_SEQ_LEN = 8  # shorter rows cannot hold a chat template's markers
-MAX_SEQ_LEN = 2**31 - 1  # token counts are stored as int32 (data/prepare.py FEATURES)
+MAX_SEQ_LEN = 2**31 - 1  # token counts are stored as int32 (prepare.py FEATURES)
 MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy seed sequences take non-negative 64-bit ints
 
 

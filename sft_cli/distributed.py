@@ -6,7 +6,7 @@ way the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...) says who we a
     with process_group():            # init from torchrun's env (nccl on GPU, gloo on CPU)
         info = world()               # rank, world_size, local_rank, is_main
         total = all_reduce_sum(n)
-        engine = wrap(loss_module, strategy="ddp")
+        parallel_model = wrap(SFTModel(model), parallel="ddp")
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -73,19 +74,24 @@ def barrier() -> None:
 
 
 def all_reduce_sum(value: float | int) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
-    dist.all_reduce(tensor)
-    return tensor.item()
+    return float(all_reduce_sum_array(np.array([value], dtype=np.float64))[0])
 
 
 def all_reduce_max(value: float | int) -> float:
+    return float(_all_reduce(np.array([value], dtype=np.float64), "MAX")[0])
+
+
+def all_reduce_sum_array(values: np.ndarray) -> np.ndarray:
+    """Element-wise sum over ranks, as float64 (one collective for a whole vector of totals)."""
+    return _all_reduce(np.asarray(values, dtype=np.float64), "SUM")
+
+
+def _all_reduce(values: np.ndarray, op: str) -> np.ndarray:
     if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.item()
+        return values
+    tensor = torch.from_numpy(values.copy()).to(collective_device())
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    return tensor.cpu().numpy()
 
 
 def any_rank(flag: bool) -> bool:
@@ -97,12 +103,12 @@ def collective_device() -> torch.device:
     return device() if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def wrap(module: torch.nn.Module, strategy: str, layers: list[torch.nn.Module], param_dtype: torch.dtype | None):
+def wrap(module: torch.nn.Module, parallel: str, layers: list[torch.nn.Module], param_dtype: torch.dtype | None):
     """DDP (replicated weights, all-reduced gradients) or FSDP2 (`fully_shard`: each decoder layer
     its own shard group, then the root), or the module itself in a single process."""
     if not (dist.is_available() and dist.is_initialized()):
         return module  # one plain process; under torchrun even one rank is wrapped (same code path as N)
-    if strategy == "ddp":
+    if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device().index] if torch.cuda.is_available() else None
@@ -124,35 +130,35 @@ def is_fsdp(module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def no_sync(engine, last: bool):
+def no_sync(parallel_model, last: bool):
     """Reduce gradients across ranks only on a step's last micro-batch (same result, 1/grad_accum
     of the traffic): DDP's no_sync() context; FSDP2 has no such context but a switch."""
-    if is_fsdp(engine):
-        engine.set_requires_gradient_sync(last)
+    if is_fsdp(parallel_model):
+        parallel_model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
-    if last or not hasattr(engine, "no_sync"):
+    if last or not hasattr(parallel_model, "no_sync"):
         return contextlib.nullcontext()
-    return engine.no_sync()
+    return parallel_model.no_sync()
 
 
-def load_sharded(engine: torch.nn.Module, source: torch.nn.Module | None) -> None:
+def load_sharded(parallel_model: torch.nn.Module, source: torch.nn.Module | None) -> None:
     """Give an FSDP2 module built on the meta device its weights, shard by shard.
 
     Every rank allocates only its own shards (to_empty); rank 0, the only one that read the
     checkpoint (`source`: its CPU copy in the compute dtype; None elsewhere), broadcasts one tensor
     at a time and each rank keeps its slice, cast to its shard's dtype (float32 masters). Buffers
     outside the state dict (rotary inv_freq, computed in __init__, garbage after to_empty) are
-    rank 0's too. `engine` wraps the model as `.model` (model.CausalLMLoss).
+    rank 0's too. `parallel_model` wraps the model as `.model` (model.SFTModel).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    engine.to_empty(device=device())
+    parallel_model.to_empty(device=device())
     full = {f"model.{name}": tensor for name, tensor in source.state_dict().items()} if source is not None else {}
-    set_model_state_dict(engine, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(parallel_model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     buffers = [{name: b for name, b in source.named_buffers()} if source is not None else None]
     dist.broadcast_object_list(buffers, src=0, device=collective_device())
     with torch.no_grad():
-        for name, buffer in engine.model.named_buffers():
+        for name, buffer in parallel_model.model.named_buffers():
             buffer.copy_(buffers[0][name])
 
 

@@ -22,27 +22,26 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import math
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sft_cli import console as ui
 from sft_cli import distributed
-from sft_cli.artifacts import atomic_dir, is_complete, write_json_atomic, write_manifest
 from sft_cli.config import Format, SFTConfig, run_config
-from sft_cli.data.collate import VARLEN_BACKENDS, Collator, model_inputs
+from sft_cli.data.collate import VARLEN_BACKENDS, Collator
 from sft_cli.data.packing import IGNORE_INDEX, position_ids
 from sft_cli.errors import ConfigError, SFTError, load_error
-from sft_cli.model import decoder, lm_head, pick_attention, pick_dtype, unwrap
+from sft_cli.model import SFTModel, pick_attention, pick_dtype, unwrap
+from sft_cli.run_dir import atomic_dir, is_complete, write_json_atomic, write_manifest
+from sft_cli.scoring import Scores, score
 
 
 def run(cfg: SFTConfig) -> int:
-    from sft_cli.data.pack import ensure_packed
-    from sft_cli.data.prepare import load_prepared_tokenizer
+    from sft_cli.pack import ensure_packed
+    from sft_cli.prepare import load_prepared_tokenizer
 
     cfg = run_config(cfg)
     run_dir = Path(cfg.run_dir)
@@ -98,7 +97,7 @@ def run(cfg: SFTConfig) -> int:
 
 def eval_examples(cfg: SFTConfig) -> datasets.Dataset:
     """The prepared examples to score: the run's eval split, or eval.sources prepared like training data."""
-    from sft_cli.data import prepare
+    from sft_cli import prepare
 
     run_dir = Path(cfg.run_dir)
     if cfg.eval.sources:
@@ -216,28 +215,23 @@ def load_for_eval(cfg: SFTConfig, tokenizer, path: Path | None):
 
 # -- loss ----------------------------------------------------------------------------------------
 
-def _summary(loss: float, correct: int, tokens: int) -> dict:
-    mean = loss / max(tokens, 1)
-    return {"loss": mean, "ppl": math.exp(min(mean, 50)), "token_accuracy": correct / max(tokens, 1), "tokens": tokens}
-
-
 @torch.no_grad()
 def split_metrics(model, examples, micro_batch_size: int, packed: bool = True, max_seq_len: int | None = None,
-                  flat: bool | None = None, chunk: int = 2048) -> dict:
+                  flat: bool | None = None) -> dict:
     """Masked loss, perplexity and token accuracy over examples, overall and per source.
 
     packed=True packs the examples (BFD) into rows like training does; packed=False scores each
     example alone. Both give the same numbers (the packed rows keep examples apart). `flat` is
     training's layout (data/collate.py): one (1, T) stream with varlen boundaries, or padded (B, L)
-    rows; None takes it from the model's attention backend, as training does. The LM head runs on
-    trained positions only, `chunk` at a time: never the full (B, T, vocab) logits.
+    rows; None takes it from the model's attention backend, as training does. Scored by
+    scoring.score, as training's periodic eval is: the head runs on trained positions only.
     """
     from sft_cli.data.packing import bfd_bins, mask_example_starts
 
     rows = [dict(r) for r in examples] if not isinstance(examples, list) else examples
-    lengths = [len(r["input_ids"]) for r in rows]
     if not rows:
-        return _summary(0.0, 0, 0) | {"by_source": {}}
+        return Scores(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64)).summary() | {"by_source": {}}
+    lengths = [len(r["input_ids"]) for r in rows]
     names = sorted({r.get("source", "all") for r in rows})
     code = {name: i for i, name in enumerate(names)}
     capacity = max_seq_len or max(max(lengths), 1)
@@ -256,35 +250,16 @@ def split_metrics(model, examples, micro_batch_size: int, packed: bool = True, m
     # A varlen kernel reads a padded (B, L) batch as one long sequence: packed examples (and the
     # padding) would attend to each other. So the same layout as training for the same backend.
     collate = Collator(pad_id=0, flat=flat)
-    head, softcap = lm_head(model), getattr(unwrap(model).config, "final_logit_softcapping", None)
-    where = next(model.parameters()).device
-    loss_sum, correct, tokens = np.zeros(len(names)), np.zeros(len(names), np.int64), np.zeros(len(names), np.int64)
+    batches = []
     for lo in range(0, len(packed_rows), micro_batch_size):
         group = packed_rows[lo:lo + micro_batch_size]
         batch = collate(group)
-        if batch["num_targets"] == 0:
-            continue
         # The source of each trained position, from the CPU-side layout: (N,) codes.
         owner = _position_sources(batch, [s for row in group for s in row["sources"]])
-        source_of = owner[batch["target_index"].numpy()]
-        inputs = {k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in model_inputs(batch).items()}
-        hidden = decoder(model)(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-        picked = hidden.flatten(0, 1).index_select(0, batch["target_index"].to(where))  # (N, H)
-        targets = batch["targets"].to(where)
-        losses, hits = [], []
-        for a in range(0, picked.shape[0], chunk):
-            logits = head(picked[a:a + chunk]).float()  # (chunk, vocab), float32 as in training's loss
-            if softcap:
-                logits = softcap * torch.tanh(logits / softcap)
-            losses.append(F.cross_entropy(logits, targets[a:a + chunk], reduction="none"))
-            hits.append(logits.argmax(-1) == targets[a:a + chunk])
-        # One copy to the CPU per batch; per-source sums there, in float64.
-        loss_sum += np.bincount(source_of, torch.cat(losses).double().cpu().numpy(), minlength=len(names))
-        correct += np.bincount(source_of, torch.cat(hits).cpu().numpy(), minlength=len(names)).astype(np.int64)
-        tokens += np.bincount(source_of, minlength=len(names))
-    seen = [i for i in range(len(names)) if tokens[i]]  # a source with no trained token has no numbers
-    return _summary(float(loss_sum.sum()), int(correct.sum()), int(tokens.sum())) | {
-        "by_source": {names[i]: _summary(float(loss_sum[i]), int(correct[i]), int(tokens[i])) for i in seen}}
+        batches.append(batch | {"target_sources": owner[batch["target_index"].numpy()]})
+    scores = score(SFTModel(model), batches, num_sources=len(names))
+    seen = [i for i in range(len(names)) if scores.tokens[i]]  # a source with no trained token has no numbers
+    return scores.summary() | {"by_source": {names[i]: scores.summary(i) for i in seen}}
 
 
 def _position_sources(batch: dict, codes: list[int]) -> np.ndarray:

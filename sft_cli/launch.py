@@ -26,10 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sft_cli import console as ui
-from sft_cli.artifacts import write_text_atomic
 from sft_cli.config import SFTConfig, to_yaml
 from sft_cli.distributed import launched_by_torchrun
 from sft_cli.errors import ConfigError, SFTError
+from sft_cli.run_dir import write_text_atomic
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 

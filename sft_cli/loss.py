@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from sft_cli.data import IGNORE_INDEX
 
 # Rows per chunk: 1024 x 128k vocab x 4 bytes = 512 MB of float32 logits (192 MB at SmolLM2's
 # 49k). Speed hardly depends on it: on CPU, 2,048 tokens x 576 x 49k, chunks of 256 to 2,048 rows
@@ -192,3 +192,20 @@ def plain_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Mod
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+@torch.no_grad()
+def linear_ce_scores(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk: int = DEFAULT_CHUNK,
+                     softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation's per-position view of the same loss: (N,) float32 CE and (N,) bool "argmax is the
+    target", `chunk` rows of logits at a time (float32, as in training's loss)."""
+    losses, hits = [], []
+    for lo in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[lo:lo + chunk]).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        losses.append(F.cross_entropy(logits, targets[lo:lo + chunk], reduction="none"))
+        hits.append(logits.argmax(-1) == targets[lo:lo + chunk])
+    if not losses:
+        return hidden.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    return torch.cat(losses), torch.cat(hits)

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from sft_cli import console as ui
-from sft_cli.artifacts import atomic_dir, fingerprint, hash_file, write_manifest
 from sft_cli.config import SFTConfig, run_config
 from sft_cli.errors import ConfigError, SFTError, remote_code_refusal
+from sft_cli.run_dir import atomic_dir, fingerprint, hash_file, write_manifest
 
 # How far merged may be from base + adapter, per dtype: (max |diff| as a fraction of the largest
 # |logit| (at least 1), RMS of the diff as a fraction of the logits' standard deviation). float32 is

@@ -2,7 +2,7 @@
 packed examples apart, and wrap it with LoRA (peft) or leave it whole.
 
     model, info = load_model(cfg, tokenizer)        # info: dtype, attn backend, trainable params
-    loss_sum = CausalLMLoss(model)(**model_inputs(batch), target_index=..., targets=...)
+    loss_sum = SFTModel(model)(**model_inputs(batch), target_index=..., targets=...)
 """
 
 from __future__ import annotations
@@ -41,13 +41,17 @@ def pick_attention(name: str, training: bool = True, dtype: torch.dtype | None =
     return name
 
 
-class CausalLMLoss(torch.nn.Module):
-    """Summed next-token CE of a micro-batch, as one module: the unit DDP and FSDP2 wrap.
+class SFTModel(torch.nn.Module):
+    """The model as training and evaluation run it: decoder body -> LM head on trained positions
+    only -> cross-entropy. It is the unit DDP and FSDP2 wrap.
 
-    The LM head runs only on trained positions, fused with the cross-entropy a chunk at a time
-    (loss.linear_ce_sum: one chunk's logits alive at once), so the forward goes body -> loss here instead of through the model's own forward (which would build the
-    full (B, T, vocab) logits). Wrapping this module, not the model, keeps DDP's gradient hooks
-    and FSDP2's unshard hooks on the path that is actually called.
+    forward() returns the summed CE of a micro-batch (0-dim float32); with per_token=True, the
+    (N,) CE and (N,) "argmax is right" of every trained position instead (evaluation, no grad).
+
+    The head runs fused with the cross-entropy a chunk at a time (loss.linear_ce_sum: one chunk's
+    logits alive at once), so the forward goes body -> loss here instead of through the model's own
+    forward (which would build the full (B, T, vocab) logits). Wrapping this module, not the model,
+    keeps DDP's gradient hooks and FSDP2's unshard hooks on the path that is actually called.
     """
 
     def __init__(self, model):
@@ -55,15 +59,16 @@ class CausalLMLoss(torch.nn.Module):
         self.model = model
         self.softcap = getattr(unwrap(model).config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids, position_ids, target_index, targets, **varlen):
-        from sft_cli.loss import linear_ce_sum
+    def forward(self, input_ids, position_ids, target_index, targets, per_token: bool = False, **varlen):
+        from sft_cli.loss import linear_ce_scores, linear_ce_sum
 
         # use_cache=False: with a KV cache transformers would not build the packed (block) mask.
         hidden = decoder(self.model)(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                      **varlen).last_hidden_state
         # index_select with indices from the collator: no boolean mask, so no host-device sync.
         picked = hidden.flatten(0, 1).index_select(0, target_index)
-        return linear_ce_sum(picked, targets, lm_head(self.model), softcap=self.softcap)
+        score = linear_ce_scores if per_token else linear_ce_sum
+        return score(picked, targets, lm_head(self.model), softcap=self.softcap)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

@@ -19,7 +19,7 @@ first (and steps with overflowed gradients are skipped while the scale comes dow
 
     precision = Precision.of(cfg.model.dtype, device)
     with precision.autocast():
-        loss = engine(...)
+        loss = parallel_model(...)
     precision.backward(loss)
     precision.unscale(optimizer)                 # before clipping: clip the true gradients
     precision.step(optimizer)                    # or precision.skip() when the gradients are not finite

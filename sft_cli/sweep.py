@@ -78,8 +78,8 @@ def summarise_point(point: dict) -> dict:
 
 def write_summary(root: Path, rows: list[dict]) -> None:
     from sft_cli import console as ui
-    from sft_cli.artifacts import write_json_atomic, write_text_atomic
     from sft_cli.plot import curves_png
+    from sft_cli.run_dir import write_json_atomic, write_text_atomic
 
     table_rows = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
     write_json_atomic(root / "sweep.json", {"points": table_rows})

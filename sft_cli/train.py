@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from sft_cli import console as ui
-from sft_cli.artifacts import fingerprint, is_complete, read_manifest, write_text_atomic
 from sft_cli.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -41,12 +40,8 @@ from sft_cli.checkpoint import (
 )
 from sft_cli.config import SFTConfig, to_yaml
 from sft_cli.data.collate import VARLEN_BACKENDS, Collator, model_inputs, pin
-from sft_cli.data.pack import ensure_packed
-from sft_cli.data.prepare import load_prepared_tokenizer
 from sft_cli.data.sampler import RowCounts, StepPlan
 from sft_cli.distributed import (
-    all_reduce_max,
-    all_reduce_sum,
     any_rank,
     collective_device,
     device,
@@ -58,13 +53,22 @@ from sft_cli.distributed import (
     wrap,
 )
 from sft_cli.errors import ConfigError, SFTError
-from sft_cli.metrics import MetricsLog
-from sft_cli.model import CausalLMLoss, decoder_layers, load_model, unwrap
+from sft_cli.model import SFTModel, decoder_layers, load_model, unwrap
 from sft_cli.neftune import neftune
+from sft_cli.pack import ensure_packed
 from sft_cli.plot import loss_curve_png
 from sft_cli.precision import Precision
-from sft_cli.provenance import write_provenance
+from sft_cli.prepare import load_prepared_tokenizer
+from sft_cli.run_dir import (
+    MetricsLog,
+    fingerprint,
+    is_complete,
+    read_manifest,
+    write_provenance,
+    write_text_atomic,
+)
 from sft_cli.schedule import build_optimizer, build_scheduler
+from sft_cli.scoring import score
 from sft_cli.throughput import model_flops, peak_flops, peak_memory_mb
 
 # Keys whose change makes a checkpoint meaningless for this run (resume refuses). Not grad_accum or
@@ -87,12 +91,11 @@ def run(cfg: SFTConfig) -> int:
         return train(cfg)
 
 
-def parallel_strategy(cfg: SFTConfig, total_params: int) -> str:
+def choose_parallel(cfg: SFTConfig, total_params: int) -> str:
     """ddp replicates weights (LoRA, small models); fsdp shards them (full FT of large models)."""
-    strategy = cfg.trainer.parallel
-    if strategy == "auto":
+    if cfg.trainer.parallel == "auto":
         return "fsdp" if cfg.peft.method == "none" and total_params >= 1_000_000_000 else "ddp"
-    return strategy
+    return cfg.trainer.parallel
 
 
 def run_identity(cfg: SFTConfig, world_size: int = 1) -> dict:
@@ -123,16 +126,16 @@ class Stop:
             signal.signal(sig, lambda *_, c=code: setattr(self, "code", c))
 
 
-def forward_loss(engine, batch: dict) -> torch.Tensor:
-    """Summed CE of one micro-batch through `engine` (CausalLMLoss, maybe DDP/FSDP-wrapped)."""
-    return engine(**model_inputs(batch), target_index=batch["target_index"], targets=batch["targets"])
+def forward_loss(parallel_model, batch: dict) -> torch.Tensor:
+    """Summed CE of one micro-batch through `parallel_model` (SFTModel, maybe DDP/FSDP-wrapped)."""
+    return parallel_model(**model_inputs(batch), target_index=batch["target_index"], targets=batch["targets"])
 
 
 def to_device(batch: dict, where: torch.device) -> dict:
     return {k: v.to(where, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def accumulate_gradients(engine, batches: list[dict], step_targets: int, precision: Precision | None = None,
+def accumulate_gradients(parallel_model, batches: list[dict], step_targets: int, precision: Precision | None = None,
                          set_lengths=lambda *a: None) -> torch.Tensor:
     """Backward every micro-batch of one optimizer step; returns this rank's summed CE, still on
     the device (reading it would stall the GPU: the loop reads it once, after the step).
@@ -147,9 +150,9 @@ def accumulate_gradients(engine, batches: list[dict], step_targets: int, precisi
     loss_sum = None
     for i, batch in enumerate(batches):
         set_lengths(batch["seq_lens"], batch["input_ids"].shape)
-        with no_sync(engine, last=i == len(batches) - 1):
+        with no_sync(parallel_model, last=i == len(batches) - 1):
             with precision.autocast():
-                ce_sum = forward_loss(engine, batch)
+                ce_sum = forward_loss(parallel_model, batch)
             precision.backward(ce_sum * scale)
         loss_sum = ce_sum.detach() if loss_sum is None else loss_sum + ce_sum.detach()
     return loss_sum
@@ -184,35 +187,6 @@ def _inject_fault(step: int, model) -> None:
         if os.environ.get("SFT_FAULT_KILL_GROUP") == "1":
             os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-@torch.no_grad()
-def evaluate_loss(engine, rows: datasets.Dataset, collate: Collator, micro_batch_size: int,
-                  precision: Precision | None = None) -> dict:
-    """Token-mean loss over a whole split (same packing, masking and precision as training).
-
-    Every rank runs the same number of forwards (a rank short of rows repeats its last batch
-    with its loss discarded): FSDP2's forward is collective, so an idle rank would hang the rest.
-    """
-    precision = precision or Precision(torch.float32)
-    was_training = engine.training
-    engine.eval()
-    w = world()
-    total, count = torch.zeros((), dtype=torch.float64, device=device()), 0
-    indices = list(range(w.rank, len(rows), w.world_size))
-    batches = [indices[lo:lo + micro_batch_size] for lo in range(0, len(indices), micro_batch_size)]
-    rounds = int(all_reduce_max(len(batches)))
-    for i in range(rounds):
-        ids = batches[min(i, len(batches) - 1)] if batches else [0]
-        batch = to_device(collate(rows.select(ids)), device())
-        with precision.autocast():
-            loss_sum = forward_loss(engine, batch)
-        if i < len(batches):
-            total, count = total + loss_sum.double(), count + batch["num_targets"]
-    total, count = all_reduce_sum(total.item()), all_reduce_sum(count)
-    engine.train(was_training)
-    loss = total / max(count, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_tokens": int(count)}
 
 
 def step_values(loss_sum: torch.Tensor, grad_norm: torch.Tensor, stop: bool) -> tuple[float, float, float]:
@@ -292,16 +266,16 @@ def train(cfg: SFTConfig) -> int:
     joined = torch.distributed.is_available() and torch.distributed.is_initialized()
     # Under torchrun, the model's shape first (meta device: no weights read) decides ddp or fsdp.
     model, info = load_model(cfg, tokenizer, cfg.model.name_or_path, empty=joined)
-    info["parallel"] = parallel_strategy(cfg, info["total_params"]) if joined else "none"
+    info["parallel"] = choose_parallel(cfg, info["total_params"]) if joined else "none"
     if info["parallel"] == "fsdp":
         if precision.scaler:
             raise ConfigError("model.dtype", "float16 needs a gradient scaler, which sft does not run under FSDP2",
                               "use model.dtype=bfloat16 (GPUs since Ampere) or trainer.parallel=ddp")
         _compile(model, cfg)
-        engine = wrap(CausalLMLoss(model), "fsdp", decoder_layers(model), precision.compute)
+        parallel_model = wrap(SFTModel(model), "fsdp", decoder_layers(model), precision.compute)
         torch.manual_seed(cfg.seed)  # rank 0's LoRA initialisation is the one every rank receives
         source = load_model(cfg, tokenizer, cfg.model.name_or_path, masters=False)[0] if w.is_main else None
-        load_sharded(engine, source)
+        load_sharded(parallel_model, source)
         del source
     else:
         if joined:  # now the weights, on every rank (DDP replicas start equal: same seed, same files)
@@ -309,7 +283,7 @@ def train(cfg: SFTConfig) -> int:
             model = load_model(cfg, tokenizer, cfg.model.name_or_path)[0]
         model.to(where)
         _compile(model, cfg)
-        engine = wrap(CausalLMLoss(model), info["parallel"], decoder_layers(model), precision.compute)
+        parallel_model = wrap(SFTModel(model), info["parallel"], decoder_layers(model), precision.compute)
     model.train()
     collate = Collator(pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                        flat=info["attn_implementation"] in VARLEN_BACKENDS)
@@ -322,7 +296,7 @@ def train(cfg: SFTConfig) -> int:
     resume_from = resumable_checkpoint(run_dir) if cfg.trainer.resume == "auto" else None
     if resume_from is not None:
         _check_resumable(resume_from, fingerprints)
-        state = load_checkpoint(resume_from, model, engine, optimizer, scheduler)
+        state = load_checkpoint(resume_from, model, parallel_model, optimizer, scheduler)
         precision.load_state_dict(state.get("loss_scale", {}))
         step = state["step"]
         ui.err.print(f"[green]resuming[/] from {resume_from} (step {step} of {total_steps})")
@@ -340,7 +314,7 @@ def train(cfg: SFTConfig) -> int:
 
     def save() -> None:
         state["loss_scale"] = precision.state_dict()
-        _checkpoint(run_dir, step, model, engine, optimizer, scheduler, state, cfg, fingerprints)
+        _checkpoint(run_dir, step, model, parallel_model, optimizer, scheduler, state, cfg, fingerprints)
 
     def load_step(s: int) -> list[dict]:
         batches = [collate(rows.select(ids)) for ids in plan.micro_batches(s, w.rank)]
@@ -354,7 +328,7 @@ def train(cfg: SFTConfig) -> int:
             seed_step(cfg.seed, step, w.rank)
             tokens, step_targets, attention = counts.total(plan.step_rows(step))  # every rank's rows, on the CPU
             batches = [to_device(b, where) for b in prefetched(step)]  # collated meanwhile in a thread
-            loss_sum = accumulate_gradients(engine, batches, step_targets, precision, set_lengths)
+            loss_sum = accumulate_gradients(parallel_model, batches, step_targets, precision, set_lengths)
             _inject_fault(step + 1, model)
             precision.unscale(optimizer)
             params = [p for p in model.parameters() if p.requires_grad]
@@ -392,7 +366,7 @@ def train(cfg: SFTConfig) -> int:
             if w.is_main:
                 bar(step, record)
             if eval_rows is not None and cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0:
-                _log_eval(engine, eval_rows, collate, cfg, step, metrics, w, precision)
+                _log_eval(parallel_model, eval_rows, collate, cfg, step, metrics, w, precision)
             stopping = stop_votes > 0  # every rank stops after the same step
             if (cfg.trainer.save_every and step % cfg.trainer.save_every == 0) or stopping:
                 save()
@@ -402,26 +376,32 @@ def train(cfg: SFTConfig) -> int:
         return stop.code if stop.code is not None else 0
     if eval_rows is not None and not (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
         with MetricsLog(run_dir, enabled=w.is_main) as metrics:
-            _log_eval(engine, eval_rows, collate, cfg, step, metrics, w, precision)
+            _log_eval(parallel_model, eval_rows, collate, cfg, step, metrics, w, precision)
     save()
     prepared_report = json.loads((run_dir / "prepared" / "report.json").read_text())
-    save_final(run_dir, model, engine, tokenizer, prepared_report.get("eot_token_ids", []))
+    save_final(run_dir, model, parallel_model, tokenizer, prepared_report.get("eot_token_ids", []))
     if w.is_main:
         _finish(run_dir, metrics_path)
     return 0
 
 
-def _log_eval(engine, eval_rows, collate, cfg, step, metrics, w, precision) -> None:
-    result = evaluate_loss(engine, eval_rows, collate, cfg.trainer.micro_batch_size, precision)
+def _log_eval(parallel_model, eval_rows, collate, cfg, step, metrics, w, precision) -> None:
+    """The eval split scored like `sft evaluate` scores it (scoring.score), this rank's share of rows."""
+    mine = list(range(w.rank, len(eval_rows), w.world_size))
+    size = cfg.trainer.micro_batch_size
+    batches = [collate(eval_rows.select(mine[lo:lo + size])) for lo in range(0, len(mine), size)]
+    spare = None if batches else collate(eval_rows.select([0]))  # fewer rows than ranks: run, discard
+    result = score(parallel_model, batches, precision=precision, spare=spare).summary()
     if w.is_main:
-        metrics.write({"type": "eval", "step": step, **result})
-        ui.err.print(f"step {step}: eval loss {result['eval_loss']:.4f} (ppl {result['eval_ppl']:.2f})")
+        metrics.write({"type": "eval", "step": step, "eval_loss": result["loss"], "eval_ppl": result["ppl"],
+                       "eval_token_accuracy": result["token_accuracy"], "eval_tokens": result["tokens"]})
+        ui.err.print(f"step {step}: eval loss {result['loss']:.4f} (ppl {result['ppl']:.2f})")
 
 
-def _checkpoint(run_dir, step, model, engine, optimizer, scheduler, state, cfg, fingerprints) -> None:
+def _checkpoint(run_dir, step, model, parallel_model, optimizer, scheduler, state, cfg, fingerprints) -> None:
     if state.get("saved_step") != step:  # collective: every rank decides alike
         state["saved_step"] = step
-        save_checkpoint(run_dir, step, model, engine, optimizer, scheduler, {**state, "step": step}, cfg,
+        save_checkpoint(run_dir, step, model, parallel_model, optimizer, scheduler, {**state, "step": step}, cfg,
                         fingerprints, cfg.trainer.keep_last)
 
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from sft_cli.artifacts import hash_file
 from sft_cli.checkpoint import (
     _load_tensors,
     file_checksums,
@@ -25,6 +24,7 @@ from sft_cli.checkpoint import (
 )
 from sft_cli.config import SFTConfig
 from sft_cli.distributed import full_value
+from sft_cli.run_dir import hash_file
 from sft_cli.schedule import build_optimizer, build_scheduler
 
 

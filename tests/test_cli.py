@@ -174,3 +174,27 @@ def test_a_recipe_and_run_dir_with_commas_compose(sft, tmp_path):
     result = sft("prepare", f"recipe={point / 'config.yaml'}", f"run_dir={run_dir}", "--cfg", "job")
     assert result.returncode == 0, result.stderr
     assert "seed: 7" in result.stdout and f"run_dir: {run_dir}" in result.stdout
+
+
+def test_an_in_process_run_leaves_no_trace(tmp_path, sft):
+    """The test runner (conftest._run_in_process) calls cli.main in this process: a whole `sft train`
+    must leave the environment, working directory, signal handlers and torch's global modes as they
+    were, or later tests would run in another process state than a user's."""
+    import os
+    import signal
+
+    import torch
+
+    from tests.conftest import train_args, write_chat_jsonl
+
+    def state():
+        return (dict(os.environ), os.getcwd(), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT),
+                torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(), torch.get_rng_state())
+
+    before = state()
+    data = write_chat_jsonl(tmp_path / "chat.jsonl", rows=20, max_words=10)
+    result = sft(*train_args(data, tmp_path / "run", "trainer.max_steps=1", max_seq_len=128))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 1" in result.stdout + result.stderr  # captured, not printed to the terminal
+    after = state()
+    assert before[:-1] == after[:-1] and torch.equal(before[-1], after[-1])

@@ -206,8 +206,8 @@ def share_of_rank_1(folder):
 
 
 def test_two_ranks_share_checkpoint_hashing_and_agree_on_a_damaged_one(tmp_path):
-    from sft_cli.artifacts import write_manifest
     from sft_cli.checkpoint import file_checksums
+    from sft_cli.run_dir import write_manifest
 
     run_dir = tmp_path / "run"
     for step in (2, 4):

@@ -2,9 +2,6 @@
 training and runs on the run's device in the run's dtype."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,7 @@ import torch.nn.functional as F
 
 from sft_cli.data.packing import IGNORE_INDEX
 from sft_cli.evaluate import distinct_n, load_for_eval, split_metrics
-from tests.conftest import WORDS, write_chat_jsonl
+from tests.conftest import _run_sft, write_chat_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,25 +98,13 @@ def _train(run_dir: Path, sources: str, *overrides: str) -> Path:
     args = ["model.name_or_path=builtin:tiny-llama-chatml", f"data.sources={sources}", "data.eval_fraction=0.2",
             "max_seq_len=256", f"run_dir={run_dir}", "trainer.micro_batch_size=2", "trainer.max_steps=4",
             "optim.lr=3e-3", *overrides]
-    env = {**os.environ, "COLUMNS": "200"}
-    result = subprocess.run([sys.executable, "-m", "sft_cli", "train", *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = _run_sft("train", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    rng = np.random.default_rng(1)
-    chat, text = write_chat_jsonl(root / "chat.jsonl", rows=100, max_words=30), root / "text.jsonl"
-    with open(text, "w") as handle:
-        for _ in range(40):
-            handle.write(json.dumps({"text": " ".join(rng.choice(WORDS, size=30))}) + "\n")
-    return _train(root / "run", f"[{{path: {chat}}}, {{path: {text}, format: text}}]")
-
-
-def test_evaluate_cli_reports_base_vs_tuned(trained_run, sft):
+def test_evaluate_cli_reports_base_vs_tuned(lora_run_copy, sft):
+    trained_run = lora_run_copy  # conftest.lora_run: a chat and a text source
     result = sft("evaluate", f"run_dir={trained_run}", "eval.num_prompts=3", "eval.max_new_tokens=8")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -152,7 +137,7 @@ def test_bfloat16_run_evaluates_in_bfloat16_on_the_run_device(tmp_path, sft, mon
     and says so in report.json and on the console."""
     from sft_cli import distributed
     from sft_cli.config import load_config
-    from sft_cli.data.prepare import load_prepared_tokenizer
+    from sft_cli.prepare import load_prepared_tokenizer
 
     chat = write_chat_jsonl(tmp_path / "chat.jsonl", rows=40, max_words=20)
     run_dir = _train(tmp_path / "run", f"[{{path: {chat}}}]", "model.dtype=bfloat16", "peft.method=none",

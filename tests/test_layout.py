@@ -19,16 +19,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sft_cli"
 
-VERBS = {"sft_cli.train", "sft_cli.evaluate", "sft_cli.merge", "sft_cli.data.prepare", "sft_cli.data.pack"}
+VERBS = {"sft_cli.train", "sft_cli.evaluate", "sft_cli.merge", "sft_cli.prepare", "sft_cli.pack"}
 # Entry points run the verbs: cli.py by name (importlib), worker.py as one rank of `sft train`.
 ENTRY_POINTS = {"sft_cli.cli", "sft_cli.worker", "sft_cli.__main__"}
 # The verb -> verb imports there are, each with what it is for; any new one is a layout change.
 VERB_IMPORTS = {
-    ("sft_cli.data.pack", "sft_cli.data.prepare"),  # ensure_prepared: pack runs prepare when needed
-    ("sft_cli.train", "sft_cli.data.pack"),  # ensure_packed before the first step
-    ("sft_cli.train", "sft_cli.data.prepare"),  # load_prepared_tokenizer
-    ("sft_cli.evaluate", "sft_cli.data.pack"),  # ensure_packed for a run never prepared here
-    ("sft_cli.evaluate", "sft_cli.data.prepare"),  # eval.sources prepared like training data; the tokenizer
+    ("sft_cli.pack", "sft_cli.prepare"),  # ensure_prepared: pack runs prepare when needed
+    ("sft_cli.train", "sft_cli.pack"),  # ensure_packed before the first step
+    ("sft_cli.train", "sft_cli.prepare"),  # load_prepared_tokenizer
+    ("sft_cli.evaluate", "sft_cli.pack"),  # ensure_packed for a run never prepared here
+    ("sft_cli.evaluate", "sft_cli.prepare"),  # eval.sources prepared like training data; the tokenizer
 }
 
 
@@ -41,7 +41,7 @@ MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def imports_of(module: str) -> set[str]:
-    """Every module `module` imports: `from sft_cli.data import prepare` counts as sft_cli.data.prepare."""
+    """Every module `module` imports: `from sft_cli import prepare` counts as sft_cli.prepare."""
     path = MODULES[module]
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
@@ -60,7 +60,7 @@ def imports_of(module: str) -> set[str]:
 
 def test_the_walk_sees_the_package():
     assert {"sft_cli.config", "sft_cli.cli", *VERBS} <= set(MODULES)
-    assert "sft_cli.data.prepare" in imports_of("sft_cli.data.pack")  # a lazy `from sft_cli.data import prepare`
+    assert "sft_cli.prepare" in imports_of("sft_cli.pack")  # a lazy `from sft_cli import prepare`
 
 
 def test_config_imports_nothing_of_ours_but_errors():

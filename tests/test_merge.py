@@ -9,7 +9,6 @@ the whole module.
 
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -19,13 +18,10 @@ from sft_cli.config import SHARD_SIZE
 from sft_cli.merge import compare, quantisation
 from tests.conftest import TINY_MODEL, _run_sft, train_args, write_chat_jsonl
 
-slow = pytest.mark.slow
 
-
-def _parallel(*commands: tuple[str, ...]) -> list:
-    """Run `sft` commands three at a time; results in the commands' order."""
-    with ThreadPoolExecutor(3) as pool:
-        return list(pool.map(lambda args: _run_sft(*args), commands))
+def _each(*commands: tuple[str, ...]) -> list:
+    """Run `sft` commands one after another (in this process: no per-call imports); results in order."""
+    return [_run_sft(*args) for args in commands]
 
 
 def _train(root: Path, run: str, model: str = TINY_MODEL, *extra: str) -> tuple[str, ...]:
@@ -39,13 +35,13 @@ def _said(result) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    """lora: plain LoRA. grown: Qwen2-style tied embeddings, and the chatml template adds two tokens
+def runs(tmp_path_factory, lora_run) -> Path:
+    """lora: plain LoRA (a copy of conftest.lora_run). grown: Qwen2-style tied embeddings, and the chatml template adds two tokens
     to a zephyr tokenizer (so the adapter carries embeddings and head). full: full fine-tuning."""
     root = tmp_path_factory.mktemp("merge")
     write_chat_jsonl(root / "chat.jsonl", rows=40, max_words=20)
-    trained = _parallel(_train(root, "lora"),
-                        _train(root, "grown", "builtin:tiny-qwen2-zephyr", "data.chat_template=chatml"),
+    shutil.copytree(lora_run, root / "lora")
+    trained = _each(_train(root, "grown", "builtin:tiny-qwen2-zephyr", "data.chat_template=chatml"),
                         _train(root, "full", "builtin:tiny-llama-chatml", "peft=none", "trainer.max_steps=2"))
     for result in trained:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -55,12 +51,11 @@ def runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def merged(runs) -> dict:
     # grown/ in shards of 200KB (its weights are ~560KB): the reload below goes through the index.
-    results = _parallel(("merge-lora", f"run_dir={runs / 'lora'}"),
+    results = _each(("merge-lora", f"run_dir={runs / 'lora'}"),
                         ("merge-lora", f"run_dir={runs / 'grown'}", "merge.max_shard_size=200KB"))
     return dict(zip(("lora", "grown"), results))
 
 
-@slow
 @pytest.mark.parametrize("run", ["lora", "grown"])
 @pytest.mark.filterwarnings("ignore:.*ensure_weight_tying")
 def test_merged_model_loads_plain_and_equals_base_plus_adapter(runs, merged, run):
@@ -103,7 +98,6 @@ def test_merged_model_loads_plain_and_equals_base_plus_adapter(runs, merged, run
     assert manifest["verification"]["ok"] and manifest["verification"]["dtype"] == "float32"
 
 
-@slow
 def test_refusals_are_one_message_and_write_nothing(runs, merged, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -153,7 +147,7 @@ def test_refusals_are_one_message_and_write_nothing(runs, merged, tmp_path):
              "wider": (run_copy("wider", wider), 1, ["does not fit the base model", "size mismatch"]),
              "shallower": (run_copy("shallower", shallower), 1, ["does not fit the base model", "no place in it"])}
     # All at once, with grown/ merged again with merge.force=true (lora/ is the one refused).
-    forced, *results = _parallel(("merge-lora", f"run_dir={grown}", "merge.force=true"),
+    forced, *results = _each(("merge-lora", f"run_dir={grown}", "merge.force=true"),
                                  *[("merge-lora", f"run_dir={run_dir}") for run_dir, _, _ in cases.values()])
     for (name, (run_dir, code, phrases)), result in zip(cases.items(), results):
         assert result.returncode == code, (name, result.stderr[-2000:])
@@ -168,7 +162,6 @@ def test_refusals_are_one_message_and_write_nothing(runs, merged, tmp_path):
     assert not list(grown.glob(".merged.*"))  # the old output and the temp folder are gone
 
 
-@slow
 def test_a_failed_check_writes_nothing(runs, merged, monkeypatch):
     from sft_cli import merge
     from sft_cli.config import load_config

@@ -9,7 +9,7 @@ import torch
 
 from sft_cli.config import SFTConfig
 from sft_cli.data.collate import Collator
-from sft_cli.model import CausalLMLoss, load_model, pick_attention
+from sft_cli.model import SFTModel, load_model, pick_attention
 from sft_cli.precision import Precision
 from sft_cli.schedule import build_optimizer
 from sft_cli.train import accumulate_gradients
@@ -34,7 +34,7 @@ def _one_step(cfg, tokenizer, precision: Precision, pure_bf16: bool = False) -> 
     before = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(model, cfg.optim)
     batches = [Collator(pad_id=0)(packed_rows(4, len(tokenizer)))]
-    accumulate_gradients(CausalLMLoss(model), batches, batches[0]["num_targets"], precision)
+    accumulate_gradients(SFTModel(model), batches, batches[0]["num_targets"], precision)
     precision.unscale(optimizer)
     precision.step(optimizer)
     after = {n: p.detach().float() for n, p in model.named_parameters() if p.requires_grad}
@@ -79,13 +79,13 @@ def test_float16_scales_the_loss_and_skips_overflowed_steps(tiny_dir, tiny_token
     model, _ = load_model(cfg, tokenizer, cfg.model.name_or_path)
     optimizer = build_optimizer(model, cfg.optim)
     batch = Collator(pad_id=0)(packed_rows(2, len(tokenizer)))
-    accumulate_gradients(CausalLMLoss(model), [batch], batch["num_targets"], precision)
+    accumulate_gradients(SFTModel(model), [batch], batch["num_targets"], precision)
     grad = next(p.grad for p in model.parameters() if p.grad is not None).clone()
     precision.unscale(optimizer)  # the backward ran on loss x 65536; unscaling restores true gradients
     torch.testing.assert_close(next(p.grad for p in model.parameters() if p.grad is not None), grad / 65536.0)
     precision.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
-    accumulate_gradients(CausalLMLoss(model), [batch], batch["num_targets"], precision)
+    accumulate_gradients(SFTModel(model), [batch], batch["num_targets"], precision)
     next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("inf"))  # an overflow in backward
     before = [p.detach().clone() for p in model.parameters()]
     precision.unscale(optimizer)
@@ -119,21 +119,19 @@ def test_float32_on_gpu_turns_on_tf32():
         torch.backends.cuda.matmul.fp32_precision = saved
 
 
-def test_float16_training_survives_overflowed_steps(tmp_path):
+def test_float16_training_survives_overflowed_steps(tmp_path, sft, monkeypatch):
     """Through the CLI: steps 2 and 3 get non-finite gradients (fault injection, after backward, as
     an fp16 overflow would); the scaler skips them and halves its scale, and training goes on."""
     import json
-    import os
-    import subprocess
 
-    from tests.conftest import REPO, write_chat_jsonl
+    from tests.conftest import write_chat_jsonl
 
     data = write_chat_jsonl(tmp_path / "chat.jsonl", rows=40, max_words=20)
     args = ["train", "model.name_or_path=builtin:tiny-llama-chatml", f"data.sources=[{{path: {data}}}]",
             "max_seq_len=128", f"run_dir={tmp_path / 'run'}", "trainer.micro_batch_size=2", "trainer.max_steps=5",
             "model.dtype=float16", "peft=none", "trainer.max_bad_steps=0"]
-    result = subprocess.run([sys.executable, "-m", "sft_cli", *args], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "SFT_FAULT_NAN_STEPS": "2,3", "COLUMNS": "200"}, timeout=600)
+    monkeypatch.setenv("SFT_FAULT_NAN_STEPS", "2,3")
+    result = sft(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loss scale now 32768" in result.stderr and "loss scale now 16384" in result.stderr
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]

@@ -8,8 +8,6 @@ import pytest
 
 from tests.conftest import train_args, write_chat_jsonl
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -16,7 +16,7 @@ import torch
 from sft_cli.config import SFTConfig
 from sft_cli.data.collate import Collator
 from sft_cli.data.packing import IGNORE_INDEX, mask_example_starts, position_ids
-from sft_cli.model import CausalLMLoss, load_model
+from sft_cli.model import SFTModel, load_model
 from sft_cli.train import accumulate_gradients
 from tests.conftest import train_args, write_chat_jsonl
 
@@ -52,7 +52,7 @@ def test_step_gradient_does_not_depend_on_the_split(tiny_dir, peft):
         model, _ = load_model(cfg, tokenizer, cfg.model.name_or_path)
         batches = [collate(rows[i * micro:(i + 1) * micro]) for i in range(accum)]
         step_targets = sum(b["num_targets"] for b in batches)
-        loss = accumulate_gradients(CausalLMLoss(model), batches, step_targets).item() / step_targets
+        loss = accumulate_gradients(SFTModel(model), batches, step_targets).item() / step_targets
         grads[(micro, accum)] = (loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     reference_loss, reference = grads[(8, 1)]
     for split, (loss, grad) in grads.items():
@@ -83,12 +83,10 @@ def _weights(run_dir):
     return load_file(str(folder / "trainable.safetensors"))
 
 
-def test_train_end_to_end_pins_losses(tmp_path, sft):
-    result = sft(*_train_args(tmp_path, "run"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "run"
+def test_train_end_to_end_pins_losses(lora_run):
+    run_dir = lora_run  # conftest: prepare, pack, train through the CLI
     losses = _losses(run_dir)
-    assert len(losses) == 8
+    assert len(losses) == 6
     # Pinned: the tiny model, data and seed are fixed, so these change only if the math does.
     assert losses[:3] == pytest.approx(PINNED_FIRST_LOSSES, abs=1e-4)
     assert losses[-1] < losses[0]
@@ -107,7 +105,7 @@ def test_train_end_to_end_pins_losses(tmp_path, sft):
     assert AutoTokenizer.from_pretrained(str(run_dir / "final")).chat_template
 
 
-PINNED_FIRST_LOSSES = [6.196300, 6.123607, 6.055585]  # dropout noise seeded per (step, rank): train.seed_step
+PINNED_FIRST_LOSSES = [6.198344, 6.129737, 6.040377]  # dropout noise seeded per (step, rank): train.seed_step
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
@@ -162,17 +160,15 @@ def _said(result) -> str:
     return " ".join(result.stderr.split())
 
 
-def test_nan_steps_are_skipped_then_stop(tmp_path, sft):
-    env = {**os.environ, "SFT_FAULT_NAN_STEPS": "3,4"}
-    result = subprocess.run([sys.executable, "-m", "sft_cli", *_train_args(tmp_path, "nan")], cwd=REPO, env=env,
-                            capture_output=True, text=True)
+def test_nan_steps_are_skipped_then_stop(tmp_path, sft, monkeypatch):
+    monkeypatch.setenv("SFT_FAULT_NAN_STEPS", "3,4")
+    result = sft(*_train_args(tmp_path, "nan"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "step 3: non-finite" in result.stderr and "step 4: non-finite" in result.stderr
     weights = _weights(tmp_path / "nan")
     assert all(torch.isfinite(t).all() for t in weights.values())
-    env["SFT_FAULT_NAN_STEPS"] = "2,3,4,5"
-    stopped = subprocess.run([sys.executable, "-m", "sft_cli", *_train_args(tmp_path, "nan2", "trainer.max_bad_steps=2")],
-                             cwd=REPO, env=env, capture_output=True, text=True)
+    monkeypatch.setenv("SFT_FAULT_NAN_STEPS", "2,3,4,5")
+    stopped = sft(*_train_args(tmp_path, "nan2", "trainer.max_bad_steps=2"))
     assert stopped.returncode == 1 and "non-finite steps in a row" in stopped.stderr
     assert "Traceback" not in stopped.stderr
 
@@ -215,7 +211,7 @@ def test_compiled_decoder_layers_give_the_same_losses_and_gradients(tiny_dir, ti
         losses = []
         for batches in steps:
             targets = sum(b["num_targets"] for b in batches)
-            losses.append(accumulate_gradients(CausalLMLoss(model), batches, targets).item() / targets)
+            losses.append(accumulate_gradients(SFTModel(model), batches, targets).item() / targets)
             optimizer.step()
             optimizer.zero_grad()
         results[compiled] = (losses, torch.cat([p.detach().flatten() for p in model.parameters()]))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from sft_cli.data import IGNORE_INDEX
 
 
 def bfd_bins(lengths, capacity: int) -> list[list[int]]:

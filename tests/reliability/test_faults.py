@@ -10,7 +10,7 @@ result equals an uninterrupted run's, bitwise on CPU.
   * non-finite loss at a step: skipped and reported; repeated: a clean stop;
   * prepare / pack killed before their output is in place: the next run rebuilds, never reads it.
 
-The slow variant (5 kills in one run) is opt-in: `pytest -m reliability_slow` (make reliability).
+`make test-slow` runs these; the slowest variant (5 kills in one run) is opt-in: `pytest -m reliability_slow` (make reliability).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch
 
 from tests.conftest import train_args, write_chat_jsonl
 
-pytestmark = pytest.mark.reliability
+# slow: every run here is a process of its own (it is SIGKILLed, or resumes one that was): make test-slow.
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
@@ -291,8 +292,8 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(data, tmp_path):
     """a checkpoint that would run code on load (checksums forged to match) is refused"""
     import pickle
 
-    from sft_cli.artifacts import write_json_atomic
     from sft_cli.checkpoint import file_checksums
+    from sft_cli.run_dir import write_json_atomic
 
     run_dir, sentinel = tmp_path / "run", tmp_path / "pwned"
     assert _sft(_args(data, run_dir), env={"SFT_FAULT_KILL_STEP": "5"}).returncode == -signal.SIGKILL

@@ -27,7 +27,13 @@ import datasets
 import numpy as np
 
 from sft_cli import console as ui
-from sft_cli.artifacts import (
+from sft_cli.config import LossOn, SFTConfig, to_yaml
+from sft_cli.data.mix import mix_counts, sample, split_indices
+from sft_cli.data.render import STAT_COLUMNS, Renderer
+from sft_cli.data.sources import content_fingerprint, default_num_proc, load_source, source_name
+from sft_cli.data.templates import load_tokenizer, special_token_ids
+from sft_cli.errors import ConfigError, SFTError
+from sft_cli.run_dir import (
     atomic_dir,
     fingerprint,
     is_complete,
@@ -36,12 +42,6 @@ from sft_cli.artifacts import (
     write_manifest,
     write_text_atomic,
 )
-from sft_cli.config import LossOn, SFTConfig, to_yaml
-from sft_cli.data.mix import mix_counts, sample, split_indices
-from sft_cli.data.render import STAT_COLUMNS, Renderer
-from sft_cli.data.sources import content_fingerprint, default_num_proc, load_source, source_name
-from sft_cli.data.templates import load_tokenizer, special_token_ids
-from sft_cli.errors import ConfigError, SFTError
 
 # Bump when the output of the same inputs changes (2: control tokens in text rejected, BOM;
 # 3: tool calls, reasoning, per-turn examples, stop tokens learned from the template).

@@ -1,6 +1,15 @@
-"""Atomic, self-describing outputs: every stage writes into a temp folder, puts
-`manifest.json` in last, then renames the folder into place. A folder with a
-manifest is complete; a crash leaves only a `.tmp-*` folder that nothing reads.
+"""The run_dir contract in one place: how every stage writes its outputs, what produced a run,
+and where training metrics go.
+
+    run_dir/
+      prepared/ packed/ checkpoints/step-N/ final/ eval/ merged/   each written whole (atomic_dir)
+      config.yaml        the resolved config (replay: sft train recipe=run_dir/config.yaml)
+      provenance.json    command line, package versions, git commit, data/tokenizer fingerprints
+      metrics.jsonl      one line per optimizer step, eval lines marked "type": "eval"
+
+Atomic, self-describing outputs: every stage writes into a temp folder, puts `manifest.json` in
+last, then renames the folder into place. A folder with a manifest is complete; a crash leaves
+only a `.tmp-*` folder that nothing reads.
 
     with atomic_dir(Path("runs/x/prepared")) as tmp:
         ...  # write files into tmp
@@ -15,6 +24,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -143,3 +153,88 @@ def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (sorted keys, so dict order never matters)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --- provenance.json ------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> dict | None:
+    """The project's commit (and whether the tree had local changes), when it is a git checkout."""
+    if not (REPO / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
+def write_provenance(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    tokenizer_dir = run_dir / "prepared" / "tokenizer"
+    template = tokenizer_dir / "chat_template.jinja"
+    record = {
+        "command": os.environ.get("SFT_COMMAND", ""),
+        "versions": package_versions(),
+        "git": git_commit(),
+        "fingerprints": {
+            "prepared": (read_manifest(run_dir / "prepared") or {}).get("fingerprint"),
+            "packed": (read_manifest(run_dir / "packed") or {}).get("fingerprint"),
+            "tokenizer": fingerprint(hash_file(tokenizer_dir / "tokenizer.json"))
+            if (tokenizer_dir / "tokenizer.json").exists() else None,
+            "chat_template": fingerprint(template.read_text()) if template.exists() else None,
+        },
+    }
+    write_json_atomic(run_dir / "provenance.json", record)
+    return record
+
+
+# --- metrics.jsonl --------------------------------------------------------------------------
+
+class MetricsLog:
+    """Where training metrics go: `run_dir/metrics.jsonl` (one JSON line per optimizer step, eval
+    lines marked `"type": "eval"`) and, when the tensorboard package is installed, TensorBoard
+    event files in `run_dir/tensorboard/`. Rank 0 writes; other ranks get a log that drops lines.
+    
+        with MetricsLog(run_dir, enabled=world().is_main) as log:
+            log.write({"step": 1, "loss": 2.3, ...})
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self._file = None
+        self._tensorboard = None
+
+    def __enter__(self) -> MetricsLog:
+        if self.enabled:
+            self._file = open(self.path, "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"))
+            except ImportError:  # optional: tensorboard is not a dependency
+                pass
+        return self
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # a crash loses at most the line being written
+        if self._tensorboard is not None:
+            prefix = "eval" if record.get("type") == "eval" else "train"
+            for key, value in record.items():
+                if key not in ("step", "type") and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()

@@ -3,47 +3,16 @@
 same loss. (merge-lora's own checks and refusals: test_merge.py.)"""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import train_args, write_chat_jsonl
 
-pytestmark = pytest.mark.slow
-
-
-def _data(root: Path) -> Path:
-    return write_chat_jsonl(root / "chat.jsonl", rows=80, max_words=30)
-
-
-def _args(root: Path, run: str, *extra: str) -> list[str]:
-    """The overrides of every verb here (prepare, pack, train, evaluate, merge-lora)."""
-    return train_args(_data(root), root / run, "trainer.micro_batch_size=2", "trainer.max_steps=3", "optim.lr=5e-3",
-                      *extra, eval_fraction=0.2, verb=None)
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, sft_module):
-    root = tmp_path_factory.mktemp("pipeline")
-    for verb in ("prepare", "pack", "train"):
-        result = sft_module(verb, *_args(root, "run"))
-        assert result.returncode == 0, (verb, result.stderr[-3000:])
-    return root
-
-
-@pytest.fixture(scope="module")
-def sft_module():
-    from tests.conftest import _run_sft
-
-    return _run_sft
-
-
-def test_full_pipeline_merged_model_equals_base_plus_adapter(pipeline, sft):
+def test_full_pipeline_merged_model_equals_base_plus_adapter(lora_run_copy, sft):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run_dir = pipeline / "run"
+    run_dir = lora_run_copy  # prepared, packed and trained verb by verb (conftest.lora_run)
     evaluated = sft("evaluate", f"run_dir={run_dir}", "eval.num_prompts=2", "eval.max_new_tokens=4",
                     "eval.compare_base=false")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

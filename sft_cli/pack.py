@@ -24,7 +24,9 @@ import numpy as np
 import pyarrow as pa
 
 from sft_cli import console as ui
-from sft_cli.artifacts import (
+from sft_cli.config import SFTConfig
+from sft_cli.data.packing import IGNORE_INDEX, bfd_bins, position_ids, wrapped_rows
+from sft_cli.run_dir import (
     atomic_dir,
     fingerprint,
     is_complete,
@@ -32,8 +34,6 @@ from sft_cli.artifacts import (
     write_json_atomic,
     write_manifest,
 )
-from sft_cli.config import SFTConfig
-from sft_cli.data.packing import IGNORE_INDEX, bfd_bins, position_ids, wrapped_rows
 
 PACK_VERSION = 1
 ROWS_PER_CHUNK = 4096  # rows assembled at once: bounds memory at ~4096 * max_seq_len tokens
@@ -47,7 +47,7 @@ FEATURES = datasets.Features({
 
 def ensure_prepared(cfg: SFTConfig) -> Path:
     """prepared/ for this config, building or refreshing it (prepare reuses its cache)."""
-    from sft_cli.data import prepare
+    from sft_cli import prepare
 
     prepare.run(cfg)
     return Path(cfg.run_dir) / "prepared"
