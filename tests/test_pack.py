@@ -73,3 +73,70 @@ def test_pack_runs_prepare_when_missing_and_refreshes_on_change(tmp_path, data_f
 def test_unknown_strategy_is_a_config_error(tmp_path, data_file, sft):
     result = sft("pack", MODEL, f"data.sources=[{{path: {data_file}}}]", f"run_dir={tmp_path}", "pack.strategy=ffd")
     assert result.returncode == 2 and "pack.strategy" in result.stderr
+
+
+# -- packed/ pinned bit for bit ---------------------------------------------------------------------
+
+def _prepared_like_split(n: int = 600, batch_rows: int = 128) -> datasets.Dataset:
+    """A seeded split shaped like prepared/'s (input_ids, labels masked over a prompt, num_tokens), in
+    several Arrow chunks, as a file written batch by batch reads back."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(1, 200, size=n)
+    batches = []
+    for lo in range(0, n, batch_rows):
+        length = lengths[lo:lo + batch_rows]
+        offsets = np.concatenate([[0], np.cumsum(length)]).astype(np.int32)
+        ids = rng.integers(0, 1000, int(offsets[-1]), dtype=np.int32)
+        labels = np.where(rng.random(len(ids)) < 0.3, -100, ids).astype(np.int32)
+        batches.append(pa.record_batch({
+            "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
+            "labels": pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels)),
+            "num_tokens": pa.array(length.astype(np.int32))}))
+    return datasets.Dataset(pa.Table.from_batches(batches))
+
+
+def _digests(dataset: datasets.Dataset, report: dict) -> dict[str, str]:
+    """sha256 of each column's type, row offsets (from 0) and flat values (the rows, bit for bit), and
+    of the report."""
+    import hashlib
+
+    digests = {"report": hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()[:16]}
+    for name in dataset.column_names:
+        column = dataset.data.column(name).combine_chunks()
+        offsets = column.offsets.to_numpy().astype(np.int64)
+        values = column.values.to_numpy()[offsets[0]:offsets[-1]]
+        digest = hashlib.sha256(str(column.type).encode())
+        digest.update((offsets - offsets[0]).tobytes())
+        digest.update(np.ascontiguousarray(values).tobytes())
+        digests[name] = digest.hexdigest()[:16]
+    return digests
+
+
+def _pack(split: datasets.Dataset, strategy: str, tmp_path) -> tuple[datasets.Dataset, dict]:
+    from sft_cli.pack import DATA_FILE, _write_split, plan_rows
+
+    rows = plan_rows(split.data.column("num_tokens").to_numpy(), strategy, 256, 3)
+    return _write_split(split, rows, 256, tmp_path / DATA_FILE)
+
+
+# Digests of the packing written before `sft pack` was vectorised (commit 45037d9): it must not change.
+PINNED = {
+    "bfd": {"report": "8d129b06a1aa1b76", "input_ids": "9dbf95106b642437", "labels": "16e03643459cb7a2",
+            "position_ids": "39d21faa5996eb99", "seq_lens": "066082e7d31e31b6", "example_ids": "6d812f68cc28b544"},
+    "wrapped": {"report": "62937fd0913e0d01", "input_ids": "d46fde4c88dd739a", "labels": "5575672510bf49de",
+                "position_ids": "749dc50888096d5d", "seq_lens": "8c33e43db8d4c10b", "example_ids": "c225a2c5cfdd8127"},
+    "none": {"report": "d2832950be7edea8", "input_ids": "d364da3e0680b8aa", "labels": "074623cc7ef9a645",
+             "position_ids": "b2b007c8ce7e6d54", "seq_lens": "fbb89c3a118ce5c5", "example_ids": "c8d818d4d9ed8f3d"},
+}
+
+
+@pytest.mark.parametrize("rows_per_chunk", [37, 4096])  # several chunks or one: the same rows
+@pytest.mark.parametrize("strategy", list(PINNED))
+def test_packed_rows_are_pinned_bit_for_bit(tmp_path, monkeypatch, strategy, rows_per_chunk):
+    monkeypatch.setattr("sft_cli.pack.ROWS_PER_CHUNK", rows_per_chunk)
+    packed, report = _pack(_prepared_like_split(), strategy, tmp_path)
+    assert packed.column_names == ["input_ids", "labels", "position_ids", "seq_lens", "example_ids"]
+    assert [str(f.type) for f in packed.data.schema] == ["list<item: int32>"] * 4 + ["list<item: int64>"]
+    assert _digests(packed, report) == PINNED[strategy]
