@@ -16,16 +16,21 @@ plus `report.json` (efficiency and counts) and `manifest.json` (written last).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sft_cli import console as ui
 from sft_cli.config import SFTConfig
-from sft_cli.data.packing import IGNORE_INDEX, bfd_bins, position_ids, wrapped_rows
+from sft_cli.data.packing import IGNORE_INDEX, Plan, bfd_bins, mask_example_starts, position_ids, wrapped_rows
 from sft_cli.run_dir import (
     atomic_dir,
     fingerprint,
@@ -71,11 +76,8 @@ def ensure_packed(cfg: SFTConfig) -> Path:
         with atomic_dir(out) as tmp:
             report = {"strategy": cfg.pack.strategy, "max_seq_len": cfg.max_seq_len, "splits": {}}
             for name, split in splits.items():
-                # The Arrow column as one numpy array: indexing split["num_tokens"] reads row by row.
-                lengths = split.data.column("num_tokens").to_numpy()
-                rows = plan_rows(lengths, cfg.pack.strategy, cfg.max_seq_len, cfg.seed)
-                _, report["splits"][name] = _write_split(split, rows, cfg.max_seq_len, tmp / name / DATA_FILE)
-                _describe_split(tmp / name, fingerprint(fp, name))
+                report["splits"][name] = pack_split(split, cfg.pack.strategy, cfg.max_seq_len, cfg.seed, tmp / name,
+                                                    fingerprint(fp, name))
             write_json_atomic(tmp / "dataset_dict.json", {"splits": list(splits)})  # as DatasetDict writes it
             write_json_atomic(tmp / "report.json", report)
             write_manifest(tmp, fp, {"stage": "pack", "strategy": cfg.pack.strategy})
@@ -83,103 +85,132 @@ def ensure_packed(cfg: SFTConfig) -> Path:
     return out
 
 
-def plan_rows(lengths, strategy: str, max_seq_len: int, seed: int) -> list[list[tuple[int, int, int]]]:
-    """Rows as lists of (example, start, stop) pieces; whole examples except under `wrapped`."""
+def pack_split(split: datasets.Dataset, strategy: str, max_seq_len: int, seed: int, folder: Path,
+               split_fingerprint: str) -> dict:
+    """One split packed into `folder`, a Dataset that datasets.load_from_disk reads: its report."""
+    if split._indices is not None:  # a select()/shuffle() view: prepared/ never is one (save_to_disk writes rows)
+        split = split.flatten_indices()
+    paths = [file["filename"] for file in split.cache_files]
+    ids, labels = (_locate(paths, split, column) for column in ("input_ids", "labels"))
+    if not np.array_equal(ids.length, labels.length):
+        raise ValueError("every example needs as many labels as input_ids")
+    plan = plan_rows(ids.length, strategy, max_seq_len, seed)
+    with contextlib.ExitStack() as files:
+        fds = [files.enter_context(open(path, "rb", buffering=0)).fileno() for path in paths]
+        report = _write_split(fds, ids, labels, plan, max_seq_len, folder / DATA_FILE)
+    _describe_split(folder, split_fingerprint)
+    return report
+
+
+def plan_rows(lengths, strategy: str, max_seq_len: int, seed: int) -> Plan:
+    """The packed rows of examples of these lengths; whole examples except under `wrapped`."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if strategy == "wrapped":
         return wrapped_rows(lengths, max_seq_len)
     if strategy == "none":
-        return [[(i, 0, int(n))] for i, n in enumerate(lengths.tolist())]
+        return Plan(np.arange(len(lengths)), np.zeros_like(lengths), lengths, np.arange(len(lengths) + 1))
     bins = bfd_bins(lengths, max_seq_len)
     # BFD emits rows longest-first; shuffle whole rows (never their contents) so batches mix lengths.
     order = np.random.default_rng([seed, 4]).permutation(len(bins))
-    return [[(i, 0, int(lengths[i])) for i in bins[b]] for b in order.tolist()]
+    rows = [bins[b] for b in order.tolist()]
+    example = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=len(lengths))
+    row_offsets = np.cumsum([0, *map(len, rows)], dtype=np.int64)
+    return Plan(example, np.zeros_like(example), lengths[example], row_offsets)
 
 
-class _TokenColumn:
-    """A list<int32> column of a memory-mapped table, read chunk by chunk where it lies.
+@dataclass(frozen=True)
+class _Located:
+    """Where each example's tokens of one list<int32> column lie in the split's Arrow files."""
 
-    combine_chunks() would copy the whole column into memory (2+ GB for input_ids + labels at
-    1M examples); instead each Arrow chunk's offsets and values stay zero-copy numpy views of
-    the mapped file, and gather() reads from each chunk only the pieces a block of rows needs.
-    """
-
-    def __init__(self, dataset: datasets.Dataset, column: str):
-        chunks = dataset.data.column(column).chunks
-        # `offsets` already accounts for a sliced chunk's start; they index into the unsliced `values`.
-        self.offsets = [chunk.offsets.to_numpy() for chunk in chunks]
-        self.values = [chunk.values.to_numpy() for chunk in chunks]
-        self.first = np.cumsum([0] + [len(chunk) for chunk in chunks])  # first example of each chunk
-
-    def gather(self, example: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
-        """Tokens start:stop of each example, concatenated in the order given."""
-        seq_lens = stop - start
-        out = np.empty(int(seq_lens.sum()), dtype=np.int32)
-        dest = np.cumsum(seq_lens) - seq_lens  # where each piece lands in `out`
-        chunk = np.searchsorted(self.first, example, side="right") - 1
-        order = np.argsort(chunk, kind="stable")
-        bounds = np.searchsorted(chunk[order], np.arange(len(self.first)))  # pieces of chunk c: bounds[c]:bounds[c+1]
-        for c in np.flatnonzero(np.diff(bounds)).tolist():
-            mine = order[bounds[c]:bounds[c + 1]]
-            source = self.offsets[c][example[mine] - self.first[c]] + start[mine]
-            out[_ranges(dest[mine], seq_lens[mine])] = self.values[c][_ranges(source, seq_lens[mine])]
-        return out
+    file: np.ndarray  # index of the file that holds it
+    byte: np.ndarray  # file position of its first token
+    length: np.ndarray  # tokens
 
 
-def _ranges(begin: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """begin[0]..begin[0]+lengths[0]-1, begin[1].., concatenated: one vectorised index array."""
-    return np.repeat(begin - (np.cumsum(lengths) - lengths), lengths) + np.arange(int(lengths.sum()))
+def _locate(paths: list[str], split: datasets.Dataset, column: str) -> _Located:
+    """Each example's tokens of `column` as positions in the Arrow stream files `paths`: each file is
+    mapped once to read its layout (zero-copy, so buffer address - the file's address = file position),
+    never its tokens. Checked against the split, so a Dataset that is not exactly its files fails."""
+    files, firsts, lengths = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for index, path in enumerate(paths):
+        whole = pa.memory_map(path).read_buffer()
+        for chunk in pa.ipc.open_stream(whole).read_all().column(column).chunks:
+            if chunk.type != pa.list_(pa.int32()):
+                raise ValueError(f"{column} must be list<int32>, not {chunk.type}")
+            # `offsets` already accounts for a sliced chunk's start; they index into the unsliced `values`.
+            offsets, values = chunk.offsets.to_numpy().astype(np.int64), chunk.values
+            start = values.buffers()[1].address - whole.address + 4 * values.offset
+            files.append(np.full(len(chunk), index))
+            firsts.append(start + 4 * offsets[:-1])
+            lengths.append(np.diff(offsets))
+    located = _Located(*map(np.concatenate, (files, firsts, lengths)))
+    if not np.array_equal(located.length, pc.list_value_length(split.data.column(column)).to_numpy()):
+        raise ValueError(f"the split's {column} is not what its files {paths} hold: pack reads splits that "
+                         "datasets.load_from_disk returns")
+    return located
 
 
-def _write_split(split: datasets.Dataset, rows, max_seq_len: int, path: Path) -> tuple[datasets.Dataset, dict]:
-    """The packed rows of one split, written block by block straight to the Arrow file `path` (pages
-    written are page cache, not this process's memory): that file as a Dataset, and its report."""
-    ids, labels = _TokenColumn(split, "input_ids"), _TokenColumn(split, "labels")
-    schema = FEATURES.arrow_schema
-    real_tokens = loss_tokens = split_examples = max_per_row = 0
+def _read_pieces(fds: list[int], located: _Located, example: np.ndarray, start: np.ndarray,
+                 stop: np.ndarray) -> np.ndarray:
+    """Tokens start:stop of each example, back to back, read with pread straight into the result.
+    Reading them through a memory map instead would keep most of the split's files in this process's
+    RSS at scale: the kernel maps whole page-cache folios (64 KB and more) around every token touched."""
+    lengths = 4 * (stop - start)
+    out = np.empty(int(lengths.sum()) // 4, dtype=np.int32)
+    into = memoryview(out).cast("B")
+    dest = np.cumsum(lengths) - lengths
+    for fd, at, size, source in zip(np.take(fds, located.file[example]).tolist(), dest.tolist(), lengths.tolist(),
+                                    (located.byte[example] + 4 * start).tolist()):
+        if os.preadv(fd, [into[at:at + size]], source) != size:
+            raise OSError(f"short read at byte {source}: the split's files changed under pack")
+    return out
+
+
+def _write_split(fds: list[int], ids: _Located, labels: _Located, plan: Plan, max_seq_len: int, path: Path) -> dict:
+    """The plan's rows written block by block to the Arrow stream file `path` (pages written are page
+    cache, not this process's memory): the split's report."""
+    seq_lens = plan.stop - plan.start
+    loss_tokens = 0
     path.parent.mkdir(parents=True, exist_ok=True)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for lo in range(0, len(rows), ROWS_PER_CHUNK):
-            chunk = rows[lo:lo + ROWS_PER_CHUNK]
-            pieces = np.array([p for row in chunk for p in row], dtype=np.int64).reshape(-1, 3)
-            example, start, stop = pieces[:, 0], pieces[:, 1], pieces[:, 2]
-            seq_lens = stop - start
-            row_ids, row_labels = ids.gather(example, start, stop), labels.gather(example, start, stop)
-            # Piece starts never carry a label (see packing.mask_example_starts): done in bulk here.
-            row_labels[np.cumsum(seq_lens) - seq_lens] = IGNORE_INDEX
-            pieces_per_row = np.array([len(row) for row in chunk], dtype=np.int64)
-            row_token_offsets = np.concatenate([[0], np.cumsum(np.add.reduceat(seq_lens, np.r_[0, np.cumsum(
-                pieces_per_row)[:-1]]))])
-            piece_offsets = np.concatenate([[0], np.cumsum(pieces_per_row)])
-
-            def lists(values, offs, kind):
-                return pa.ListArray.from_arrays(pa.array(offs, pa.int32()), pa.array(values, kind))
-
-            writer.write_table(pa.table({
-                "input_ids": lists(row_ids, row_token_offsets, pa.int32()),
-                "labels": lists(row_labels, row_token_offsets, pa.int32()),
-                "position_ids": lists(position_ids(seq_lens), row_token_offsets, pa.int32()),
-                "seq_lens": lists(seq_lens, piece_offsets, pa.int32()),
-                "example_ids": lists(example, piece_offsets, pa.int64()),
-            }, schema=schema))
-            real_tokens += int(seq_lens.sum())
-            loss_tokens += int((row_labels != IGNORE_INDEX).sum())
-            split_examples += int((start > 0).sum())
-            max_per_row = max(max_per_row, int(pieces_per_row.max(initial=0)))
-    dataset = datasets.Dataset.from_file(str(path))  # mapped, not read
-    n_rows = len(rows)
-    report = {
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, FEATURES.arrow_schema) as writer:
+        for lo in range(0, len(plan), ROWS_PER_CHUNK):
+            row_offsets = plan.row_offsets[lo:lo + ROWS_PER_CHUNK + 1]
+            pieces = slice(int(row_offsets[0]), int(row_offsets[-1]))
+            block = _packed_block(fds, ids, labels, plan.example[pieces], plan.start[pieces], plan.stop[pieces],
+                                  row_offsets - row_offsets[0])
+            writer.write_table(block)
+            loss_tokens += int(np.count_nonzero(block["labels"].chunk(0).values.to_numpy() != IGNORE_INDEX))
+    n_rows, real_tokens = len(plan), int(seq_lens.sum())
+    return {
         "rows": n_rows,
-        "examples": len(split),
+        "examples": len(ids.length),
         "real_tokens": real_tokens,
         "loss_tokens": loss_tokens,
         "efficiency": real_tokens / max(n_rows * max_seq_len, 1),
-        "examples_per_row_mean": sum(len(r) for r in rows) / max(n_rows, 1),
-        "examples_per_row_max": max_per_row,
-        "examples_split": split_examples,
+        "examples_per_row_mean": len(plan.example) / max(n_rows, 1),
+        "examples_per_row_max": int(np.diff(plan.row_offsets).max(initial=0)),
+        "examples_split": int((plan.start > 0).sum()),
         "examples_dropped": 0,  # prepare already dropped or cut everything longer than max_seq_len
     }
-    return dataset, report
+
+
+def _packed_block(fds: list[int], ids: _Located, labels: _Located, example: np.ndarray, start: np.ndarray,
+                  stop: np.ndarray, row_offsets: np.ndarray) -> pa.Table:
+    """The packed rows whose pieces these are (row r: pieces row_offsets[r]:row_offsets[r + 1]) as one
+    Arrow table of FEATURES: built column by column from flat numpy arrays and offsets."""
+    seq_lens = (stop - start).astype(np.int32)
+    token_offsets = np.concatenate([[0], np.cumsum(seq_lens, dtype=np.int32)])[row_offsets].astype(np.int32)
+
+    def lists(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+    return pa.table({
+        "input_ids": lists(_read_pieces(fds, ids, example, start, stop), token_offsets),
+        "labels": lists(mask_example_starts(_read_pieces(fds, labels, example, start, stop), seq_lens), token_offsets),
+        "position_ids": lists(position_ids(seq_lens, np.int32), token_offsets),
+        "seq_lens": lists(seq_lens, row_offsets.astype(np.int32)),
+        "example_ids": lists(example, row_offsets.astype(np.int32)),
+    }, schema=FEATURES.arrow_schema)
 
 
 def _describe_split(folder: Path, split_fingerprint: str) -> None:

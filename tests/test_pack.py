@@ -77,9 +77,9 @@ def test_unknown_strategy_is_a_config_error(tmp_path, data_file, sft):
 
 # -- packed/ pinned bit for bit ---------------------------------------------------------------------
 
-def _prepared_like_split(n: int = 600, batch_rows: int = 128) -> datasets.Dataset:
-    """A seeded split shaped like prepared/'s (input_ids, labels masked over a prompt, num_tokens), in
-    several Arrow chunks, as a file written batch by batch reads back."""
+def _prepared_like_split(folder, n: int = 600, batch_rows: int = 128) -> datasets.Dataset:
+    """A seeded split shaped like prepared/'s (input_ids, labels masked over a prompt, num_tokens): an
+    Arrow file of several record batches in `folder`, mapped as load_from_disk maps it."""
     import pyarrow as pa
 
     rng = np.random.default_rng(7)
@@ -94,7 +94,11 @@ def _prepared_like_split(n: int = 600, batch_rows: int = 128) -> datasets.Datase
             "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
             "labels": pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels)),
             "num_tokens": pa.array(length.astype(np.int32))}))
-    return datasets.Dataset(pa.Table.from_batches(batches))
+    path = str(folder / "split.arrow")
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, batches[0].schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return datasets.Dataset.from_file(path)
 
 
 def _digests(dataset: datasets.Dataset, report: dict) -> dict[str, str]:
@@ -114,11 +118,11 @@ def _digests(dataset: datasets.Dataset, report: dict) -> dict[str, str]:
     return digests
 
 
-def _pack(split: datasets.Dataset, strategy: str, tmp_path) -> tuple[datasets.Dataset, dict]:
-    from sft_cli.pack import DATA_FILE, _write_split, plan_rows
+def _pack(split: datasets.Dataset, strategy: str, folder) -> tuple[datasets.Dataset, dict]:
+    from sft_cli.pack import pack_split
 
-    rows = plan_rows(split.data.column("num_tokens").to_numpy(), strategy, 256, 3)
-    return _write_split(split, rows, 256, tmp_path / DATA_FILE)
+    report = pack_split(split, strategy, 256, 3, folder / "packed", "test")
+    return datasets.load_from_disk(str(folder / "packed")), report
 
 
 # Digests of the packing written before `sft pack` was vectorised (commit 45037d9): it must not change.
@@ -136,7 +140,22 @@ PINNED = {
 @pytest.mark.parametrize("strategy", list(PINNED))
 def test_packed_rows_are_pinned_bit_for_bit(tmp_path, monkeypatch, strategy, rows_per_chunk):
     monkeypatch.setattr("sft_cli.pack.ROWS_PER_CHUNK", rows_per_chunk)
-    packed, report = _pack(_prepared_like_split(), strategy, tmp_path)
+    packed, report = _pack(_prepared_like_split(tmp_path), strategy, tmp_path)
     assert packed.column_names == ["input_ids", "labels", "position_ids", "seq_lens", "example_ids"]
     assert [str(f.type) for f in packed.data.schema] == ["list<item: int32>"] * 4 + ["list<item: int64>"]
     assert _digests(packed, report) == PINNED[strategy]
+
+
+def test_a_selected_view_packs_its_own_rows(tmp_path):
+    split = _prepared_like_split(tmp_path)
+    view = split.select(np.random.default_rng(0).permutation(len(split))[:100])  # an _indices mapping
+    packed, report = _pack(view, "none", tmp_path)
+    assert packed["input_ids"] == view["input_ids"] and report["examples"] == 100
+
+
+def test_a_split_that_is_not_its_files_is_refused(tmp_path):
+    from sft_cli.pack import pack_split
+
+    in_memory = datasets.Dataset.from_dict({"input_ids": [[1, 2]], "labels": [[1, 2]], "num_tokens": [2]})
+    with pytest.raises(ValueError, match="load_from_disk"):
+        pack_split(in_memory, "bfd", 8, 0, tmp_path, "test")

@@ -21,68 +21,95 @@ A packed row of three examples A (3 tokens), B (2) and C (3), max_seq_len 8:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import numpy as np
 
 from sft_cli.data import IGNORE_INDEX
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Packed rows as flat arrays of pieces in row order, so millions of them cost a few arrays,
+    not millions of Python tuples: row r holds pieces row_offsets[r]:row_offsets[r + 1], and piece p
+    is tokens start[p]:stop[p] of example[p]. Iterating gives the rows by hand:
+
+    >>> list(wrapped_rows([3, 4, 2], capacity=4))
+    [[(0, 0, 3), (1, 0, 1)], [(1, 1, 4), (2, 0, 1)], [(2, 1, 2)]]
+    """
+
+    example: np.ndarray  # int64, one per piece
+    start: np.ndarray  # int64
+    stop: np.ndarray  # int64
+    row_offsets: np.ndarray  # int64, one per row + 1
+
+    def __len__(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        pieces = list(zip(self.example.tolist(), self.start.tolist(), self.stop.tolist()))
+        bounds = self.row_offsets.tolist()
+        return (pieces[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))
+
+
 def bfd_bins(lengths, capacity: int) -> list[list[int]]:
     """Best-fit decreasing: longest first, each into the open bin it fills most tightly.
 
-    Open bins are bucketed by remaining capacity, so "the tightest bin that fits" is the first
-    non-empty bucket at or above the length: one vectorised argmax per example, O(n * capacity / 8)
-    bytes scanned in total, ~1M examples in seconds.
+    Open bins are bucketed by remaining capacity, and one Python int holds a bit per non-empty
+    bucket, so "the tightest bin that fits" is the lowest set bit at or above the length: a shift
+    and a bit trick per example (~1M examples in 1.5 s), no scan.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     if (lengths > capacity).any() or (lengths <= 0).any():
         raise ValueError(f"every length must be in [1, {capacity}]")
     order = np.argsort(-lengths, kind="stable")  # ties keep input order: deterministic
     buckets: list[list[int]] = [[] for _ in range(capacity + 1)]  # remaining capacity -> open bins
-    occupied = np.zeros(capacity + 1, dtype=bool)
+    open_rooms = 0  # bit r set: some open bin has exactly r tokens of room
     bins: list[list[int]] = []
-    for index in order.tolist():
-        length = int(lengths[index])
-        fit = length + int(np.argmax(occupied[length:]))
-        if occupied[fit]:
-            bin_id = buckets[fit].pop()
-            occupied[fit] = bool(buckets[fit])
+    for index, length in zip(order.tolist(), lengths[order].tolist()):
+        fitting = open_rooms >> length
+        if fitting:
+            room = length + (fitting & -fitting).bit_length() - 1  # lowest set bit: the tightest fit
+            bucket = buckets[room]
+            bin_id = bucket.pop()
+            if not bucket:
+                open_rooms ^= 1 << room
             bins[bin_id].append(index)
-            remaining = fit - length
+            remaining = room - length
         else:
             bin_id = len(bins)
             bins.append([index])
             remaining = capacity - length
         if remaining > 0:  # a full bin never takes anything again
+            if not buckets[remaining]:
+                open_rooms |= 1 << remaining
             buckets[remaining].append(bin_id)
-            occupied[remaining] = True
     return bins
 
 
-def wrapped_rows(lengths, capacity: int) -> list[list[tuple[int, int, int]]]:
-    """Concatenate and cut every `capacity` tokens: rows of (example, start, stop) pieces.
+def wrapped_rows(lengths, capacity: int) -> Plan:
+    """Concatenate and cut every `capacity` tokens.
 
-    For comparison only: it splits examples across rows.
+    For comparison only: it splits examples across rows. Pieces lie between consecutive cuts,
+    the cuts being every example boundary and every multiple of `capacity`.
     """
-    rows: list[list[tuple[int, int, int]]] = [[]]
-    room = capacity
-    for index, length in enumerate(np.asarray(lengths).tolist()):
-        start = 0
-        while start < length:
-            if room == 0:
-                rows.append([])
-                room = capacity
-            take = min(room, length - start)
-            rows[-1].append((index, start, start + take))
-            start += take
-            room -= take
-    return [row for row in rows if row]
+    lengths = np.asarray(lengths, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    cuts = np.union1d(np.concatenate([[0], ends]), np.arange(0, total, capacity))
+    begin, end = cuts[:-1], cuts[1:]
+    example = np.searchsorted(ends, begin, side="right")  # empty examples own no piece
+    example_begin = ends[example] - lengths[example]
+    row_offsets = np.searchsorted(begin // capacity, np.arange(-(-total // capacity) + 1))
+    return Plan(example, begin - example_begin, end - example_begin, row_offsets)
 
 
-def position_ids(seq_lens) -> np.ndarray:
+def position_ids(seq_lens, dtype: type = np.int64) -> np.ndarray:
     """0..len-1 for each example, concatenated. [3, 2] -> [0 1 2 0 1]."""
-    seq_lens = np.asarray(seq_lens, dtype=np.int64)
-    starts = np.repeat(np.cumsum(seq_lens) - seq_lens, seq_lens)
-    return np.arange(int(seq_lens.sum()), dtype=np.int64) - starts
+    seq_lens = np.asarray(seq_lens, dtype=dtype)
+    starts = np.repeat(np.cumsum(seq_lens, dtype=dtype) - seq_lens, seq_lens)
+    return np.arange(int(seq_lens.sum()), dtype=dtype) - starts
 
 
 def mask_example_starts(labels: np.ndarray, seq_lens) -> np.ndarray:

@@ -30,7 +30,25 @@ def test_bfd_never_overflows_and_uses_every_example_once():
 
 
 def test_wrapped_cuts_examples_across_rows():
-    assert wrapped_rows([3, 4, 2], capacity=4) == [[(0, 0, 3), (1, 0, 1)], [(1, 1, 4), (2, 0, 1)], [(2, 1, 2)]]
+    assert list(wrapped_rows([3, 4, 2], capacity=4)) == [[(0, 0, 3), (1, 0, 1)], [(1, 1, 4), (2, 0, 1)], [(2, 1, 2)]]
+    assert list(wrapped_rows([], capacity=4)) == [] and list(wrapped_rows([0, 0], capacity=4)) == []
+
+
+def test_wrapped_is_the_concatenation_cut_every_capacity_tokens():
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        lengths, capacity = rng.integers(0, 12, size=int(rng.integers(1, 30))), int(rng.integers(1, 9))
+        tokens = [(example, i) for example, n in enumerate(lengths.tolist()) for i in range(n)]
+        expected = []
+        for lo in range(0, len(tokens), capacity):
+            row = []
+            for example, i in tokens[lo:lo + capacity]:
+                if row and row[-1][0] == example:
+                    row[-1] = (example, row[-1][1], i + 1)
+                else:
+                    row.append((example, i, i + 1))
+            expected.append(row)
+        assert list(wrapped_rows(lengths, capacity)) == expected
 
 
 def test_position_ids_and_boundary_labels_by_hand():
@@ -41,10 +59,12 @@ def test_position_ids_and_boundary_labels_by_hand():
 
 def test_plan_rows_is_deterministic_and_shuffles_whole_bins():
     lengths = np.random.default_rng(1).integers(1, 50, size=300)
-    a, b = plan_rows(lengths, "bfd", 64, seed=3), plan_rows(lengths, "bfd", 64, seed=3)
-    assert a == b and a != plan_rows(lengths, "bfd", 64, seed=4)
+    a, b = list(plan_rows(lengths, "bfd", 64, seed=3)), list(plan_rows(lengths, "bfd", 64, seed=3))
+    assert a == b and a != list(plan_rows(lengths, "bfd", 64, seed=4))
     assert sorted(map(tuple, a)) == sorted(map(tuple, plan_rows(lengths, "bfd", 64, seed=4)))
-    assert plan_rows([5, 2], "none", 64, seed=0) == [[(0, 0, 5)], [(1, 0, 2)]]
+    assert sorted([i for i, _, _ in row] for row in a) == sorted(bfd_bins(lengths, 64))
+    assert all(stop == lengths[i] and start == 0 for row in a for i, start, stop in row)
+    assert list(plan_rows([5, 2], "none", 64, seed=0)) == [[(0, 0, 5)], [(1, 0, 2)]]
 
 
 def test_collator_pads_as_its_own_block():
