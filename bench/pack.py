@@ -8,10 +8,10 @@ the timed call alone, the packing it produced and its own peak RSS (getrusage):
 
     ours bfd_bins         sft_cli.data.packing.bfd_bins(lengths, 2048): the pure algorithm
     ours plan_rows bfd    sft_cli.pack.plan_rows(lengths, "bfd", 2048, seed): bins + row shuffle
-    ours sft pack         what `sft pack` does per split, on a prepared-like split (`input_ids`,
-                          `labels`, `num_tokens`): plan_rows(split["num_tokens"], ...) + _write_split,
-                          packed input_ids, labels, position_ids, seq_lens, example_ids written as
-                          an Arrow file -> Dataset (the DatasetDict save_to_disk copy timed apart)
+    ours sft pack         sft_cli.pack.pack_split: everything `sft pack` runs per split, on a
+                          prepared-like split (`input_ids`, `labels`, `num_tokens`): the lengths
+                          read, plan_rows, packed input_ids, labels, position_ids, seq_lens,
+                          example_ids written as a Dataset folder that load_from_disk reads
     ours plan_rows wrap   the `wrapped` strategy, for reference (cuts examples across rows)
     trl bfd               trl.data_utils.pack_dataset(dataset, 2048, "bfd") on the same split's
                           `input_ids` + `labels` (what SFTTrainer packs), as SFTTrainer calls it:
@@ -204,6 +204,25 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _timed_steps(module, names: tuple[str, ...]) -> dict[str, float]:
+    """Seconds spent in each of `module`'s functions `names`, filled in as the module calls them: the
+    steps of one call timed without copying it."""
+    seconds = dict.fromkeys(names, 0.0)
+
+    def timed(name, function):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - start
+        return call
+
+    for name in names:
+        setattr(module, name, timed(name, getattr(module, name)))
+    return seconds
+
+
 def worker(spec: dict) -> dict:
     task, n, seed = spec["task"], spec["n"], spec["seed"]
     lengths, _ = lengths_of(n, seed)
@@ -215,17 +234,15 @@ def worker(spec: dict) -> dict:
         if task == "bins":
             bins = bfd_bins(lengths, MAX_SEQ_LEN)
         else:
-            rows = plan_rows(lengths, "wrapped" if task == "wrapped" else "bfd", MAX_SEQ_LEN, seed)
+            plan = plan_rows(lengths, "wrapped" if task == "wrapped" else "bfd", MAX_SEQ_LEN, seed)
         seconds = time.perf_counter() - start
         if task == "bins":
             row_off = np.concatenate([[0], np.cumsum([len(b) for b in bins])])
             example = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=int(row_off[-1]))
             piece_len = lengths[example]
         else:
-            row_off = np.concatenate([[0], np.cumsum([len(row) for row in rows])])
-            pieces = np.array([p for row in rows for p in row], dtype=np.int64).reshape(-1, 3)
-            example, piece_len = pieces[:, 0], pieces[:, 2] - pieces[:, 1]
-            if task == "plan" and (pieces[:, 1] != 0).any():
+            row_off, example, piece_len = plan.row_offsets, plan.example, plan.stop - plan.start
+            if task == "plan" and (plan.start != 0).any():
                 raise AssertionError("plan_rows(bfd) produced a piece that does not start at 0")
         result = packing(n, lengths, row_off, piece_len, example, whole=task != "wrapped")
         return {**result, "seconds": seconds, "rss_mb": _peak_rss_mb()}
@@ -239,29 +256,23 @@ def worker(spec: dict) -> dict:
         raise AssertionError("the token file does not hold this size's lengths")
     out = Path(spec["out"])
     if task == "pack":
-        from sft_cli.pack import _write_split, plan_rows
+        from sft_cli import pack
 
-        # What ensure_packed does per split, save_to_disk aside; its plan_rows(split["num_tokens"], ...)
-        # in two steps, so the reading of the lengths is timed on its own too (plan_rows' asarray is then free).
+        # What ensure_packed runs per split, in one call; its steps timed inside that call.
+        steps = _timed_steps(pack, ("_locate", "plan_rows", "_write_split"))
         start = time.perf_counter()
-        column = np.asarray(source["num_tokens"], dtype=np.int64)
-        read_seconds = time.perf_counter() - start
-        rows = plan_rows(column, "bfd", MAX_SEQ_LEN, seed)
-        plan_seconds = time.perf_counter() - start - read_seconds
-        packed, report = _write_split(source, rows, MAX_SEQ_LEN, out / ".train.arrow")
+        report = pack.pack_split(source, "bfd", MAX_SEQ_LEN, seed, out / "train", "bench")
         seconds = time.perf_counter() - start
         rss = _peak_rss_mb()
-        start = time.perf_counter()
-        datasets.DatasetDict({"train": packed}).save_to_disk(str(out / "packed"))
-        save_seconds = time.perf_counter() - start
+        packed = datasets.load_from_disk(str(out / "train"))
         row_off, example = _list_column(packed.data, "example_ids")
         _, piece_len = _list_column(packed.data, "seq_lens")
         result = packing(n, lengths, row_off, piece_len.astype(np.int64), example)
         if report["rows"] != result["rows"] or report["examples_split"] or report["real_tokens"] != result["tokens"]:
-            raise AssertionError(f"_write_split's report disagrees with its rows: {report}")
+            raise AssertionError(f"pack_split's report disagrees with its rows: {report}")
         check_ours_tokens(source, packed)
-        return {**result, "seconds": seconds, "read_seconds": read_seconds, "plan_seconds": plan_seconds,
-                "write_seconds": seconds - read_seconds - plan_seconds, "save_seconds": save_seconds, "rss_mb": rss}
+        return {**result, "seconds": seconds, "read_seconds": steps["_locate"], "plan_seconds": steps["plan_rows"],
+                "write_seconds": steps["_write_split"], "rss_mb": rss}
 
     from trl.data_utils import pack_dataset
 
@@ -367,7 +378,7 @@ def goals(results: list[dict]) -> list[str]:
         n = min(r["n"] for r in big)
         timed = {r["task"]: r["seconds"] for r in big if r["n"] == n}
         plan = f"plan_rows {timed['plan']:.1f} s ({'met' if timed['plan'] < 60 else 'NOT met'})"
-        full = (f"; end to end (`sft pack`'s path: lengths, plan_rows, _write_split) {timed['pack']:.1f} s "
+        full = (f"; end to end (`sft pack`'s path per split: `pack_split`) {timed['pack']:.1f} s "
                 f"({'met' if timed['pack'] < 60 else 'NOT met'})") if "pack" in timed else ""
         lines.append(f"{n:,} examples packed in < 60 s on this machine: {plan}{full}.")
     else:
@@ -379,7 +390,6 @@ def section(results: list[dict], sizes: list[int], repeat: int, trl_one_batch_ma
             command: str) -> str:
     skipped = [f"{TASKS[t][0]} at {n:,}" for n in sizes for t in TASKS if t not in tasks_for(n, trl_one_batch_max,
                                                                                               pack_max)]
-    saves = [f"{r['save_seconds']:.1f} s at {r['n']:,}" for r in results if r["task"] == "pack"]
     parts = [f"{r['n']:,}: {r['read_seconds']:.2f} + {r['plan_seconds']:.2f} + {r['write_seconds']:.2f} s"
              for r in results if r["task"] == "pack"]
     lengths, _ = lengths_of(max(sizes))
@@ -395,12 +405,14 @@ def section(results: list[dict], sizes: list[int], repeat: int, trl_one_batch_ma
         "**seconds**: the packing call alone, in a fresh subprocess (imports, building the data and the checks "
         "are outside it). ours bfd_bins = `bfd_bins(lengths, 2048)`; ours plan_rows = `plan_rows(lengths, "
         "strategy, 2048, seed)` (bins, then the rows shuffled, as `(example, start, stop)` pieces); ours sft pack = "
-        "`plan_rows` + `_write_split` on the split, i.e. what `sft pack` runs per split, to a Dataset of "
-        "input_ids/labels/position_ids/seq_lens/example_ids on disk (the DatasetDict `save_to_disk` copy after it "
-        f"is not in the time: {', '.join(saves) or 'not run'}); trl = `pack_dataset(dataset, 2048, \"bfd\")` on the "
+        "`pack_split(split, \"bfd\", 2048, seed, folder, ...)`, i.e. everything `sft pack` runs per split: the "
+        "lengths read, `plan_rows`, and the rows written as a Dataset folder of input_ids/labels/position_ids/"
+        "seq_lens/example_ids that `load_from_disk` reads (no `save_to_disk` copy after it); trl = "
+        "`pack_dataset(dataset, 2048, \"bfd\")` on the "
         "split's input_ids + labels, output (input_ids, labels, seq_lengths) written to a datasets cache file.",
-        "ours sft pack, split into reading the lengths (`np.asarray(split[\"num_tokens\"])`, as `ensure_packed` "
-        "passes them to `plan_rows`: a datasets Column, read row by row) + `plan_rows` + `_write_split`: "
+        "ours sft pack, split into its steps: reading the lengths and where each example's tokens lie "
+        "(`_locate`: the Arrow files' layout and list offsets, no tokens) + `plan_rows` + `_write_split` (tokens "
+        "read with pread, rows built with numpy, written block by block): "
         + ("; ".join(parts) or "not run") + ".",
         "TRL's default runs `datasets.map` in batches of 1,000 examples (what SFTTrainer does) and packs each "
         "batch on its own, so every batch ends with part-filled rows; \"trl bfd, one batch\" passes "
@@ -414,7 +426,8 @@ def section(results: list[dict], sizes: list[int], repeat: int, trl_one_batch_ma
         "the source examples by (length, sum of ids, sum of labels). TRL's bfd truncates examples over 2048 "
         "tokens; none is over 2048 here, and it truncated nothing. `wrapped` splits examples by design.",
         "**peak RSS**: the subprocess's high-water mark (getrusage), the memory-mapped source pages it touched "
-        "included.",
+        "included: TRL reads the split through its memory map; `sft pack` reads tokens with pread, which leaves "
+        "them in the page cache, outside its RSS.",
     ]
     if skipped:
         notes.append(f"Not run (memory, see --trl-one-batch-max / --sft-pack-max): {'; '.join(skipped)}.")

@@ -41,7 +41,10 @@ from sft_cli.run_dir import (
 )
 
 PACK_VERSION = 1
-ROWS_PER_CHUNK = 4096  # rows assembled at once: bounds memory at ~4096 * max_seq_len tokens
+# Rows are assembled (and written as one record batch) TOKENS_PER_BLOCK tokens at most at a time: 16 MB
+# per int32 column, which bounds memory whatever max_seq_len is, and stays under glibc's 32 MB mmap
+# threshold, so each block reuses the heap the last one freed instead of page-faulting in fresh memory.
+TOKENS_PER_BLOCK = 1 << 22
 DATA_FILE = "data-00000-of-00001.arrow"  # each packed split is one Arrow stream file, named as datasets names it
 FEATURES = datasets.Features({
     "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
@@ -169,18 +172,18 @@ def _read_pieces(fds: list[int], located: _Located, example: np.ndarray, start: 
 def _write_split(fds: list[int], ids: _Located, labels: _Located, plan: Plan, max_seq_len: int, path: Path) -> dict:
     """The plan's rows written block by block to the Arrow stream file `path` (pages written are page
     cache, not this process's memory): the split's report."""
-    seq_lens = plan.stop - plan.start
     loss_tokens = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, FEATURES.arrow_schema) as writer:
-        for lo in range(0, len(plan), ROWS_PER_CHUNK):
-            row_offsets = plan.row_offsets[lo:lo + ROWS_PER_CHUNK + 1]
+        rows_per_block = max(1, TOKENS_PER_BLOCK // max_seq_len)
+        for lo in range(0, len(plan), rows_per_block):
+            row_offsets = plan.row_offsets[lo:lo + rows_per_block + 1]
             pieces = slice(int(row_offsets[0]), int(row_offsets[-1]))
             block = _packed_block(fds, ids, labels, plan.example[pieces], plan.start[pieces], plan.stop[pieces],
                                   row_offsets - row_offsets[0])
             writer.write_table(block)
             loss_tokens += int(np.count_nonzero(block["labels"].chunk(0).values.to_numpy() != IGNORE_INDEX))
-    n_rows, real_tokens = len(plan), int(seq_lens.sum())
+    n_rows, real_tokens = len(plan), int((plan.stop - plan.start).sum())
     return {
         "rows": n_rows,
         "examples": len(ids.length),

@@ -136,10 +136,10 @@ PINNED = {
 }
 
 
-@pytest.mark.parametrize("rows_per_chunk", [37, 4096])  # several chunks or one: the same rows
+@pytest.mark.parametrize("rows_per_block", [37, 4096])  # several record batches or one: the same rows
 @pytest.mark.parametrize("strategy", list(PINNED))
-def test_packed_rows_are_pinned_bit_for_bit(tmp_path, monkeypatch, strategy, rows_per_chunk):
-    monkeypatch.setattr("sft_cli.pack.ROWS_PER_CHUNK", rows_per_chunk)
+def test_packed_rows_are_pinned_bit_for_bit(tmp_path, monkeypatch, strategy, rows_per_block):
+    monkeypatch.setattr("sft_cli.pack.TOKENS_PER_BLOCK", rows_per_block * 256)
     packed, report = _pack(_prepared_like_split(tmp_path), strategy, tmp_path)
     assert packed.column_names == ["input_ids", "labels", "position_ids", "seq_lens", "example_ids"]
     assert [str(f.type) for f in packed.data.schema] == ["list<item: int32>"] * 4 + ["list<item: int64>"]
