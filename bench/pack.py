@@ -437,8 +437,8 @@ def section(results: list[dict], sizes: list[int], repeat: int, trl_one_batch_ma
         f"{MAX_SEQ_LEN}, on the same seeded LIMA-like lengths: prompt ~30 tokens (lognormal, 1-400) + response "
         f"(lognormal, median 250, sigma 0.8, at most 2,000), total clipped to [2, 2048] (at {max(sizes):,} "
         f"examples: median {int(np.median(lengths))}, mean {lengths.mean():.0f}, max {int(lengths.max())} tokens). "
-        "Both sides read the same memory-mapped Arrow split of random token ids (input_ids, labels masked over "
-        "the prompt, num_tokens). Efficiency = real tokens / (rows x 2048). "
+        "Both sides read the same Arrow split file of random token ids (input_ids, labels masked over "
+        "the prompt, num_tokens) from the page cache: TRL through a memory map, `sft pack` with pread. Efficiency = real tokens / (rows x 2048). "
         + (f"Best of {repeat} runs each." if repeat > 1 else "One run each."), "",
         *(f"- {line}" for line in goals(results)), "",
         markdown(HEADER, table_rows(results)), "",

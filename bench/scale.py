@@ -268,9 +268,9 @@ def section(result: dict, command: str) -> str:
         "up-to-date check (re-hashing the source file). **peak RSS MB**: the larger of the process tree's summed "
         "RSS (sampled every 50 ms from /proc, tokenizer workers included) and the largest process's exact "
         "high-water mark (`wait4`). Both count the pages of memory-mapped Arrow files a process has read, and at "
-        "scale those are most of each peak: prepare reads its tokenized rows in shuffled order while writing "
-        "prepared/, pack gathers prepared/'s input_ids and labels in packed order. They are page cache the kernel "
-        "can take back; heap, imports and tokenizer workers are the smaller part.",
+        "scale those are most of prepare's peak: it reads its tokenized rows in shuffled order while writing "
+        "prepared/. They are page cache the kernel can take back; heap, imports and tokenizer workers are the "
+        "smaller part. pack reads prepared/'s input_ids and labels with pread, so they stay out of its RSS.",
         "",
         f"Command: `{command}`",
         "",
