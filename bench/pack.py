@@ -404,7 +404,7 @@ def section(results: list[dict], sizes: list[int], repeat: int, trl_one_batch_ma
     notes = [
         "**seconds**: the packing call alone, in a fresh subprocess (imports, building the data and the checks "
         "are outside it). ours bfd_bins = `bfd_bins(lengths, 2048)`; ours plan_rows = `plan_rows(lengths, "
-        "strategy, 2048, seed)` (bins, then the rows shuffled, as `(example, start, stop)` pieces); ours sft pack = "
+        "strategy, 2048, seed)` (bins, then the rows shuffled, as a `Plan`: flat example, start, stop arrays); ours sft pack = "
         "`pack_split(split, \"bfd\", 2048, seed, folder, ...)`, i.e. everything `sft pack` runs per split: the "
         "lengths read, `plan_rows`, and the rows written as a Dataset folder of input_ids/labels/position_ids/"
         "seq_lens/example_ids that `load_from_disk` reads (no `save_to_disk` copy after it); trl = "
