@@ -469,19 +469,33 @@ def _is_sweep_point() -> bool:
     return HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _point_keys(overrides: list[str]) -> list[str]:
+    """The keys this sweep varies: swept on the command line, or in a saved sweep (+sweep=NAME lists
+    them under hydra.sweeper.params)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    swept = swept_keys(overrides)
+    return swept + [key for key in HydraConfig.get().sweeper.get("params") or {} if key not in swept]
+
+
+def _point_values(overrides: list[str]) -> dict[str, str]:
+    """This sweep point's value of each swept key, as its job's overrides spell them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    values = dict(arg.lstrip("+").split("=", 1) for arg in HydraConfig.get().overrides.task if "=" in arg)
+    return {key: values[key] for key in _point_keys(overrides) if key in values}
+
+
 def _name_sweep_point(cfg_node, overrides: list[str]) -> None:
-    """In a sweep, this point's run_dir: sweep.point_run_dir from the keys swept on the command line
-    or in a saved sweep (+sweep=NAME lists them under hydra.sweeper.params) and this job's values."""
+    """In a sweep, this point's run_dir: sweep.point_run_dir from the swept keys and this job's values."""
     from hydra.core.hydra_config import HydraConfig
 
     from sft_cli.sweep import point_run_dir
 
     if not _is_sweep_point():
         return
-    hydra_cfg = HydraConfig.get()
-    swept = swept_keys(overrides)
-    keys = swept + [key for key in hydra_cfg.sweeper.get("params") or {} if key not in swept]
-    cfg_node.run_dir = point_run_dir(cfg_node.run_dir, keys, list(hydra_cfg.overrides.task), overrides)
+    cfg_node.run_dir = point_run_dir(cfg_node.run_dir, _point_keys(overrides), list(HydraConfig.get().overrides.task),
+                                     overrides)
 
 
 LAST_ERROR = [""]  # the last error line guarded() printed: a failed sweep point records it
@@ -588,7 +602,8 @@ def main(argv: list[str] | None = None) -> None:
             outcome = _run_verb(verb, cfg, positional)  # as Hydra read them: a quoted path is no sweep
             exit_codes.append(outcome["exit_code"])
             if _is_sweep_point():
-                points.append({"overrides": list(HydraConfig.get().overrides.task), **outcome})
+                points.append({"overrides": list(HydraConfig.get().overrides.task),
+                               "swept": _point_values(positional), **outcome})
             return outcome
 
         sys.argv = [f"sft {verb}", *flags, f"hydra.job.name=sft-{verb}", *positional]

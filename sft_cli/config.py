@@ -32,6 +32,8 @@ SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule (schedule.py)
 PEFT_METHODS = ("lora", "none")
 RESUME_MODES = ("auto", "never")
 PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp")
+# trainer.report_to: experiment trackers (trackers.py), each with the package it needs installed.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # merge.max_shard_size: a number and a unit, as huggingface_hub parses it (500MB, 2GB).
 SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*[KMGT]B\s*$", re.IGNORECASE)
 MIN_SEQ_LEN = 8  # shorter rows cannot hold a chat template's markers
@@ -242,6 +244,9 @@ class TrainerConfig:
     """torch.compile each decoder layer (faster steps on GPUs after a one-off compile)."""
     dist_timeout_s: int = 1800
     """Seconds a collective may wait for the slowest rank (checkpoint hashing, evaluation) before failing."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers: any of tensorboard, wandb (offline unless logged in), mlflow (MLFLOW_TRACKING_URI,
+    else run_dir/mlruns). [] = TensorBoard when it is installed. Rank 0 logs the config, metrics, eval and plots."""
 
 
 @dataclass
@@ -308,6 +313,13 @@ def to_yaml(cfg: SFTConfig) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_dict(cfg: SFTConfig) -> dict:
+    """The resolved config as plain nested dicts (enums as their values): what trackers record."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
 
 
 def load_config(path: str) -> SFTConfig:
@@ -514,6 +526,21 @@ def _validate_trainer(trainer: TrainerConfig) -> None:
     _validate_endpoint(trainer.rdzv_endpoint)
     _int_at_least("trainer.dist_timeout_s", trainer.dist_timeout_s, 1, fix="seconds, e.g. 1800")
     _choice("trainer.parallel", trainer.parallel, PARALLEL_STRATEGIES)
+    _validate_trackers(trainer.report_to)
+
+
+def _validate_trackers(names: Any) -> None:
+    """Known tracker names whose package is installed (found, not imported: validate() loads nothing)."""
+    import importlib.util
+
+    _str_list("trainer.report_to", names)
+    for i, name in enumerate(names):
+        _choice(f"trainer.report_to[{i}]", name, tuple(TRACKER_PACKAGES))
+        package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(package) is None:
+            _fail(f"trainer.report_to[{i}]", name, f"needs the {package} package, which is not installed",
+                  f"pip install {package}" + (" (or mlflow-skinny)" if package == "mlflow" else "")
+                  + f", or drop {name} from trainer.report_to")
 
 
 def _validate_eval(ev: EvalConfig) -> None:

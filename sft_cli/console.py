@@ -303,7 +303,7 @@ def print_eval_report(report: dict, generations: list[dict], folder: Path) -> No
     def value(model: dict, key: str):
         return model.get(key, model.get("generation", {}).get(key))
 
-    for key, label in COMPARED + (("ppl", "eval perplexity"),):
+    for key, label, _ in COMPARED:
         table.add_row(label, *[f"{value(m, key):.4f}" if value(m, key) is not None else "" for m in models.values()])
     for source in models["tuned"]["by_source"]:
         table.add_row(f"loss ({escape(source)})", *[f"{m['by_source'].get(source, {}).get('loss', float('nan')):.4f}"

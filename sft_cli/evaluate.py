@@ -85,11 +85,16 @@ def run(cfg: SFTConfig) -> int:
         with open(tmp / "generations.jsonl", "w") as handle:
             for row in generations:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        from sft_cli.plot import comparison_png
+        from sft_cli.plot import comparison
 
-        comparison_png(report["models"], tmp / "comparison.png")
+        comparison(report, tmp / "comparison.png")
         write_manifest(tmp, "eval", {"stage": "eval", "target": str(target)})
     ui.print_eval_report(report, generations, out)
+    from sft_cli.trackers import Trackers
+
+    with Trackers.open(cfg, run_dir) as trackers:  # the training run's trackers, when it had any
+        trackers.log_report(report)
+        trackers.log_image(out / "comparison.png")
     return 0
 
 

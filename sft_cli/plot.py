@@ -1,129 +1,197 @@
-"""PNGs with no plotting library: the loss curve (train loss blue, eval loss orange dots) and
-the base-vs-tuned comparison of `sft evaluate` (grouped bars, base grey, tuned blue).
+"""The pictures a run leaves, drawn with matplotlib (Agg: no display needed), each as a PNG and an
+SVG beside it (crisp in browsers and docs), written atomically:
 
-Pixels are drawn into a byte grid and written as a PNG with zlib: enough to see whether
-the loss falls, with the numbers themselves in metrics.jsonl.
+    loss_curve(lines, run_dir / "loss_curve.png", title)      # train loss, its EMA, eval loss, lr
+    comparison(report, run_dir / "eval" / "comparison.png")   # sft evaluate: base vs tuned per metric
+    sweep_curves(points, root / "sweep_losses.png")           # every sweep point, and eval loss per value
 
-    loss_curve_png([(1, 2.3), (2, 2.1)], [(2, 2.2)], Path("runs/x/loss_curve.png"))
+Each returns its Figure, so tests read what was drawn (labels, ticks, legend, data) rather than pixels.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
+import math
+import os
 from pathlib import Path
 
-WIDTH, HEIGHT, MARGIN = 640, 360, 30
-BLUE, ORANGE, GREY, WHITE = (31, 119, 180), (255, 127, 14), (170, 170, 170), (255, 255, 255)
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: never a display, also under a desktop session
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+# Debiased EMA (TensorBoard's smoothing): a per-step loss jumps with each step's few rows.
+SMOOTHING = 0.8
+TRAIN, SMOOTH, EVAL, LR, BASE, TUNED = "#9ecae1", "#1f77b4", "#ff7f0e", "#7f7f7f", "#bdbdbd", "#1f77b4"
+
+# sft evaluate's metrics, in the picture's (and console table's) order: (key, label, better).
+COMPARED = (("loss", "eval loss", "lower"), ("ppl", "eval perplexity", "lower"),
+            ("token_accuracy", "token accuracy", "higher"), ("forgetting_ppl", "general-text perplexity", "lower"),
+            ("distinct_1", "distinct-1", "higher"), ("distinct_2", "distinct-2", "higher"),
+            ("mean_reply_tokens", "reply length (tokens)", None), ("stopped_on_own", "stops on its own", "higher"))
 
 
-def _png(pixels: list[bytearray]) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+def ema(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """Exponential moving average with the zero-start bias removed (so the first value is itself)."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** i))
+    return out
 
-    raw = b"".join(b"\x00" + bytes(row) for row in pixels)
-    header = struct.pack(">IIBBBBB", WIDTH, HEIGHT, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+
+def metric_value(model: dict, key: str) -> float | None:
+    """A metric of report.json's models[name]: top level or under "generation"."""
+    value = model.get(key, model.get("generation", {}).get(key))
+    return None if value is None else float(value)
 
 
-def loss_curve_png(train: list[tuple[float, float]], evals: list[tuple[float, float]], path: Path) -> None:
-    pixels = [bytearray(WHITE * WIDTH) for _ in range(HEIGHT)]
+def loss_curve(lines: list[dict], path: Path, title: str) -> Figure:
+    """metrics.jsonl's lines -> train loss per step (light) and its EMA, eval loss as markers, the
+    learning rate on a second y axis, tokens seen on a second x axis."""
+    steps = [r for r in lines if "loss" in r and math.isfinite(r["loss"])]
+    evals = [r for r in lines if r.get("type") == "eval"]
+    fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
+    x, y = [r["step"] for r in steps], [r["loss"] for r in steps]
+    ax.plot(x, y, color=TRAIN, linewidth=1, label="train loss (per step)")
+    ax.plot(x, ema(y), color=SMOOTH, linewidth=2.2, label=f"train loss, EMA (weight {SMOOTHING}, debiased)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o", color=EVAL, markersize=7,
+                label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean CE per trained token)")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if steps and "lr" in steps[0]:
+        lr_ax = ax.twinx()
+        lr_ax.plot(x, [r["lr"] for r in steps], color=LR, linestyle="--", linewidth=1, label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        more = lr_ax.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    if len(steps) >= 2:
+        _tokens_axis(ax, x, [r.get("tokens", 0) for r in steps])
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=9)
+    ax.set_title(title, fontsize=10)
+    save(fig, path)
+    return fig
 
-    def put(x: int, y: int, color) -> None:
-        if 0 <= x < WIDTH and 0 <= y < HEIGHT:
-            pixels[y][3 * x:3 * x + 3] = bytes(color)
 
-    points = train + evals
+def _tokens_axis(ax, steps: list[int], tokens_per_step: list[int]) -> None:
+    """A top x axis in tokens seen, interpolated from the steps' cumulative token counts."""
+    import numpy as np
+
+    seen = np.cumsum(tokens_per_step, dtype=np.float64)
+    if not np.all(np.diff(seen) > 0):
+        return  # a step without tokens: no one-to-one map between the axes
+    xs = np.asarray(steps, dtype=np.float64)
+    top = ax.secondary_xaxis("top", functions=(lambda s: np.interp(s, xs, seen), lambda t: np.interp(t, seen, xs)))
+    top.set_xlabel("tokens seen")
+
+
+def comparison(report: dict, path: Path) -> Figure:
+    """sft evaluate's report -> one panel per metric (base vs tuned bars, values written on them, which
+    direction is better in the panel's title), then one panel of the per-source eval losses."""
+    models = {name: report["models"][name] for name in ("base", "tuned") if name in report["models"]}
+    metrics = [m for m in COMPARED if any(metric_value(model, m[0]) is not None for model in models.values())]
+    sources = sorted({s for model in models.values() for s in model.get("by_source", {})})
+    panels = len(metrics) + (1 if sources else 0)
+    columns = 4
+    rows = math.ceil(panels / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.0 * rows), layout="constrained", squeeze=False)
+    colors = {"base": BASE, "tuned": TUNED}
+    for ax, (key, label, better) in zip(axes.flat, metrics):
+        names = [n for n in models if metric_value(models[n], key) is not None]
+        values = [metric_value(models[n], key) for n in names]
+        bars = ax.bar(names, values, color=[colors[n] for n in names], label=names)
+        ax.bar_label(bars, labels=[f"{v:.4g}" for v in values], padding=2, fontsize=9)
+        ax.set_title(f"{label}\n({better} is better)" if better else f"{label}\n(no better direction)", fontsize=10)
+        ax.set_ylabel(label, fontsize=8)
+        ax.margins(y=0.18)
+    if sources:
+        ax = axes.flat[len(metrics)]
+        width = 0.8 / len(models)
+        for i, name in enumerate(models):
+            values = [models[name].get("by_source", {}).get(s, {}).get("loss", float("nan")) for s in sources]
+            bars = ax.bar([j + i * width for j in range(len(sources))], values, width, color=colors[name], label=name)
+            ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=2, fontsize=8)
+        ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(sources))], sources, rotation=20,
+                      fontsize=8)
+        ax.set_title("eval loss per source\n(lower is better)", fontsize=10)
+        ax.set_ylabel("eval loss", fontsize=8)
+        ax.margins(y=0.18)
+    for ax in list(axes.flat)[panels:]:
+        ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[n]) for n in models]
+    fig.legend(handles, [f"{n} model" for n in models], loc="outside lower center", ncols=len(models))
+    fig.suptitle(f"sft evaluate: base vs tuned ({report.get('target', '')})", fontsize=11)
+    save(fig, path)
+    return fig
+
+
+def sweep_curves(points: list[dict], path: Path) -> Figure:
+    """A sweep's points ({"overrides": {key: value}, "lines": metrics lines}) -> left: every point's
+    smoothed train loss and its eval markers, labelled by its overrides; then one panel per swept
+    key: final eval loss against the key's value (the plot people draw by hand after a sweep)."""
+    keys = sorted({k for p in points for k in p["overrides"]})
+    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(7 + 4 * len(keys), 5), layout="constrained", squeeze=False)
+    curves = axes[0][0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, point in enumerate(points):
+        color = colors[i % len(colors)]
+        label = " ".join(f"{k}={v}" for k, v in point["overrides"].items()) or "(defaults)"
+        steps = [r for r in point["lines"] if "loss" in r and math.isfinite(r["loss"])]
+        if steps:
+            curves.plot([r["step"] for r in steps], ema([r["loss"] for r in steps]), color=color, label=label)
+        evals = [r for r in point["lines"] if r.get("type") == "eval"]
+        if evals:
+            curves.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o", color=color)
+    curves.set_xlabel("optimizer step")
+    curves.set_ylabel(f"train loss, EMA (weight {SMOOTHING}); dots: eval loss")
+    curves.set_title("every point's loss curve", fontsize=10)
+    curves.grid(alpha=0.3)
     if points:
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-
-        def to_px(x: float, y: float) -> tuple[int, int]:
-            px = MARGIN + (x - x0) / (x1 - x0) * (WIDTH - 2 * MARGIN)
-            py = HEIGHT - MARGIN - (y - y0) / (y1 - y0) * (HEIGHT - 2 * MARGIN)
-            return int(round(px)), int(round(py))
-
-        for x in range(MARGIN, WIDTH - MARGIN):  # axes
-            put(x, HEIGHT - MARGIN, GREY)
-        for y in range(MARGIN, HEIGHT - MARGIN):
-            put(MARGIN, y, GREY)
-        previous = None
-        for x, y in train:
-            current = to_px(x, y)
-            if previous:  # a line segment, sampled densely enough to look continuous
-                steps = max(abs(current[0] - previous[0]), abs(current[1] - previous[1]), 1)
-                for i in range(steps + 1):
-                    put(previous[0] + (current[0] - previous[0]) * i // steps,
-                        previous[1] + (current[1] - previous[1]) * i // steps, BLUE)
-            put(*current, BLUE)
-            previous = current
-        for x, y in evals:
-            cx, cy = to_px(x, y)
-            for dx in range(-3, 4):
-                for dy in range(-3, 4):
-                    if dx * dx + dy * dy <= 9:
-                        put(cx + dx, cy + dy, ORANGE)
-    tmp = Path(path).with_suffix(".png.tmp")
-    tmp.write_bytes(_png(pixels))
-    tmp.replace(path)
+        curves.legend(fontsize=8)
+    for ax, key in zip(axes[0][1:], keys):
+        _final_eval_against(ax, points, key)
+    fig.suptitle(f"sweep: {len(points)} points", fontsize=11)
+    save(fig, path)
+    return fig
 
 
-COMPARED = (("loss", "eval loss"), ("token_accuracy", "token accuracy"), ("forgetting_ppl", "general-text ppl"),
-            ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("mean_reply_tokens", "reply length"),
-            ("stopped_on_own", "stops on its own"))
+def _final_eval_against(ax, points: list[dict], key: str) -> None:
+    """Final eval loss of each point against its value of `key`; numbers on a number line (log-scale
+    when they span a decade, as learning rates do), anything else as categories."""
+    finals = []
+    for point in points:
+        evals = [r["eval_loss"] for r in point["lines"] if r.get("type") == "eval"]
+        if key in point["overrides"] and evals:
+            finals.append((point["overrides"][key], evals[-1]))
+    numeric = all(_number(v) is not None for v, _ in finals)
+    xs = [_number(v) if numeric else str(v) for v, _ in finals]
+    ax.plot(xs, [loss for _, loss in finals], "o", color=SMOOTH, markersize=7)
+    if numeric and finals and min(xs) > 0 and max(xs) / min(xs) >= 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(key)
+    ax.set_ylabel("final eval loss")
+    ax.set_title(f"final eval loss vs {key}", fontsize=10)
+    ax.grid(alpha=0.3)
 
 
-def comparison_png(models: dict, path: Path) -> None:
-    """One pair of bars per metric (left to right as in COMPARED), each pair scaled to its larger value."""
-    pixels = [bytearray(WHITE * WIDTH) for _ in range(HEIGHT)]
-    tuned, base = models.get("tuned", {}), models.get("base", {})
-
-    def value(model: dict, key: str) -> float:
-        return float(model.get(key, model.get("generation", {}).get(key, 0.0)) or 0.0)
-
-    slot = (WIDTH - 2 * MARGIN) // len(COMPARED)
-    for i, (key, _) in enumerate(COMPARED):
-        pair = [(value(base, key), GREY), (value(tuned, key), BLUE)]
-        top = max(v for v, _ in pair) or 1.0
-        for j, (v, color) in enumerate(pair):
-            height = int((HEIGHT - 2 * MARGIN) * v / top)
-            x0 = MARGIN + i * slot + 6 + j * (slot - 12) // 2
-            for y in range(HEIGHT - MARGIN - height, HEIGHT - MARGIN):
-                pixels[y][3 * x0:3 * (x0 + (slot - 12) // 2 - 2)] = bytes(color) * ((slot - 12) // 2 - 2)
-    for x in range(MARGIN, WIDTH - MARGIN):
-        pixels[HEIGHT - MARGIN][3 * x:3 * x + 3] = bytes(GREY)
-    tmp = Path(path).with_suffix(".png.tmp")
-    tmp.write_bytes(_png(pixels))
-    tmp.replace(path)
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def curves_png(curves: list[list[tuple[float, float]]], path: Path) -> None:
-    """Several loss curves on shared axes, one colour each (sweep points in sweep.json order)."""
-    pixels = [bytearray(WHITE * WIDTH) for _ in range(HEIGHT)]
-    points = [p for curve in curves for p in curve]
-    if points:
-        x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-        y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-        for i, curve in enumerate(curves):
-            color = bytes(PALETTE[i % len(PALETTE)])
-            previous = None
-            for x, y in curve:
-                current = (int(MARGIN + (x - x0) / (x1 - x0) * (WIDTH - 2 * MARGIN)),
-                           int(HEIGHT - MARGIN - (y - y0) / (y1 - y0) * (HEIGHT - 2 * MARGIN)))
-                start = previous or current
-                steps = max(abs(current[0] - start[0]), abs(current[1] - start[1]), 1)
-                for k in range(steps + 1):
-                    px = start[0] + (current[0] - start[0]) * k // steps
-                    py = start[1] + (current[1] - start[1]) * k // steps
-                    if 0 <= px < WIDTH and 0 <= py < HEIGHT:
-                        pixels[py][3 * px:3 * px + 3] = color
-                previous = current
-    tmp = Path(path).with_suffix(".png.tmp")
-    tmp.write_bytes(_png(pixels))
-    tmp.replace(path)
+def save(fig: Figure, path: Path) -> None:
+    """path (.png) and the same figure as .svg beside it, each written whole or not at all; the figure
+    is closed for pyplot (no leak across a sweep) but stays readable by the caller."""
+    path = Path(path)
+    for target in (path, path.with_suffix(".svg")):
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        fig.savefig(tmp, format=target.suffix[1:], dpi=110)
+        os.replace(tmp, target)
+    plt.close(fig)

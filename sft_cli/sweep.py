@@ -5,7 +5,8 @@ run_dir (`runs/demo/optim.lr=0.0001,seed=0`: readable, stable, no timestamps), a
 
     sweep.json / sweep.csv    each point: overrides, status (ok / failed + error line), final train
                               loss, best eval loss, tokens/s, wall time, run_dir
-    sweep_losses.png          every point's train-loss curve, overlaid
+    sweep_losses.png (+ .svg) every point's smoothed train-loss curve with its eval losses, and the
+                              final eval loss against each swept value
 and prints the points as a table sorted by eval loss. A failed point is recorded and the sweep
 goes on; re-running the sweep skips finished points and resumes unfinished ones.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 from pathlib import Path
 
@@ -49,7 +49,8 @@ def point_name(job_overrides: list[str], keys: list[str]) -> str:
 
 def summarise(points: list[dict]) -> None:
     """Write the sweep's summary beside its points (their run_dirs' common parent). `points`: one
-    dict per point, in the order they ran: {overrides: [...], run_dir, exit_code, error}."""
+    dict per point, in the order they ran: {overrides: [...], swept: {key: value}, run_dir, exit_code,
+    error}."""
     rows = [summarise_point(p) for p in points]
     dirs = [Path(r["run_dir"]).resolve() for r in rows if r.get("run_dir")]
     if not dirs:
@@ -73,20 +74,20 @@ def summarise_point(point: dict) -> dict:
             "best_eval_loss": min(evals) if evals else None,
             "tokens_per_sec": tokens / wall if wall else None, "wall_s": wall, "steps": len(steps),
             "run_dir": str(run_dir) if point.get("run_dir") else "",
-            "curve": [(r["step"], r["loss"]) for r in steps if math.isfinite(r["loss"])]}
+            "swept": point.get("swept", {}), "lines": lines}
 
 
 def write_summary(root: Path, rows: list[dict]) -> None:
     from sft_cli import console as ui
-    from sft_cli.plot import curves_png
+    from sft_cli.plot import sweep_curves
     from sft_cli.run_dir import write_json_atomic, write_text_atomic
 
-    table_rows = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
+    table_rows = [{k: v for k, v in r.items() if k not in ("swept", "lines")} for r in rows]
     write_json_atomic(root / "sweep.json", {"points": table_rows})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(table_rows[0]))
     writer.writeheader()
     writer.writerows(table_rows)
     write_text_atomic(root / "sweep.csv", buffer.getvalue())
-    curves_png([r["curve"] for r in rows], root / "sweep_losses.png")
+    sweep_curves([{"overrides": r["swept"], "lines": r["lines"]} for r in rows], root / "sweep_losses.png")
     ui.print_sweep_summary(table_rows, root)

@@ -38,7 +38,7 @@ from sft_cli.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from sft_cli.config import SFTConfig, to_yaml
+from sft_cli.config import SFTConfig, config_dict, to_yaml
 from sft_cli.data.collate import VARLEN_BACKENDS, Collator, model_inputs, pin
 from sft_cli.data.sampler import RowCounts, StepPlan
 from sft_cli.distributed import (
@@ -56,7 +56,7 @@ from sft_cli.errors import ConfigError, SFTError
 from sft_cli.model import SFTModel, decoder_layers, load_model, unwrap
 from sft_cli.neftune import neftune
 from sft_cli.pack import ensure_packed
-from sft_cli.plot import loss_curve_png
+from sft_cli.plot import loss_curve
 from sft_cli.precision import Precision
 from sft_cli.prepare import load_prepared_tokenizer
 from sft_cli.run_dir import (
@@ -70,6 +70,7 @@ from sft_cli.run_dir import (
 from sft_cli.schedule import build_optimizer, build_scheduler
 from sft_cli.scoring import score
 from sft_cli.throughput import model_flops, peak_flops, peak_memory_mb
+from sft_cli.trackers import Trackers
 
 # Keys whose change makes a checkpoint meaningless for this run (resume refuses). Not grad_accum or
 # the process count alone: the step is defined by their product (run_identity), so a run saved by
@@ -88,7 +89,10 @@ def run(cfg: SFTConfig) -> int:
             ui.silence()
         with launch.run_lock(Path(cfg.run_dir)):
             ensure_packed(cfg)  # already built by the launcher, or by the first rank to get the lock
-        return train(cfg)
+        # Trackers (rank 0): the resolved config now, every metrics line, the loss curve at the end.
+        with Trackers.open(cfg, Path(cfg.run_dir), enabled=w.is_main) as trackers:
+            trackers.log_config(config_dict(cfg))
+            return train(cfg, trackers)
 
 
 def choose_parallel(cfg: SFTConfig, total_params: int) -> str:
@@ -233,7 +237,7 @@ def _compile(model, cfg: SFTConfig) -> None:
             layer.compile()
 
 
-def train(cfg: SFTConfig) -> int:
+def train(cfg: SFTConfig, trackers: Trackers | None = None) -> int:
     w = world()
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
@@ -321,7 +325,7 @@ def train(cfg: SFTConfig) -> int:
         return [pin(b) for b in batches] if where.type == "cuda" else batches  # page-locked: async copies
 
     with neftune(model, cfg.trainer.neftune_alpha) as set_lengths, ui.train_progress(total_steps, step, w) as bar, \
-            MetricsLog(run_dir, enabled=w.is_main) as metrics, Prefetcher(load_step, total_steps) as prefetched:
+            MetricsLog(run_dir, enabled=w.is_main, trackers=trackers) as metrics, Prefetcher(load_step, total_steps) as prefetched:
         stopping = False
         while step < total_steps and not stopping:
             step_started = time.perf_counter()
@@ -375,13 +379,13 @@ def train(cfg: SFTConfig) -> int:
         ui.err.print(f"[yellow]stopped by signal at step {step}; checkpoint saved. Re-run the same command to resume.")
         return stop.code if stop.code is not None else 0
     if eval_rows is not None and not (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
-        with MetricsLog(run_dir, enabled=w.is_main) as metrics:
+        with MetricsLog(run_dir, enabled=w.is_main, trackers=trackers) as metrics:
             _log_eval(parallel_model, eval_rows, collate, cfg, step, metrics, w, precision)
     save()
     prepared_report = json.loads((run_dir / "prepared" / "report.json").read_text())
     save_final(run_dir, model, parallel_model, tokenizer, prepared_report.get("eot_token_ids", []))
     if w.is_main:
-        _finish(run_dir, metrics_path)
+        _finish(run_dir, metrics_path, cfg, info, trackers)
     return 0
 
 
@@ -443,9 +447,19 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def _finish(run_dir: Path, metrics_path: Path) -> None:
+def _finish(run_dir: Path, metrics_path: Path, cfg: SFTConfig, info: dict, trackers: Trackers | None) -> None:
     lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train_points = [(r["step"], r["loss"]) for r in lines if "loss" in r and math.isfinite(r["loss"])]
-    eval_points = [(r["step"], r["eval_loss"]) for r in lines if r.get("type") == "eval"]
-    loss_curve_png(train_points, eval_points, run_dir / "loss_curve.png")
+    loss_curve(lines, run_dir / "loss_curve.png", curve_title(cfg, info, lines))
+    if trackers is not None:
+        trackers.log_image(run_dir / "loss_curve.png")
     ui.print_train_summary(lines, run_dir)
+
+
+def curve_title(cfg: SFTConfig, info: dict, lines: list[dict]) -> str:
+    """The loss curve's title: what ran (run, model, method) and the numbers that shaped the curve."""
+    steps = [r for r in lines if "loss" in r]
+    tokens = sum(r.get("tokens", 0) for r in steps)
+    method = "full fine-tuning" if cfg.peft.method == "none" else f"{cfg.peft.method} r={cfg.peft.r}"
+    return (f"{Path(cfg.run_dir).name}: {cfg.model.name_or_path} ({method}, {info.get('dtype', cfg.model.dtype)})\n"
+            f"lr {cfg.optim.lr:g} ({cfg.optim.schedule}), {len(steps)} steps, ~{tokens // max(len(steps), 1):,} "
+            f"tokens/step, {tokens:,} tokens, max_seq_len {cfg.max_seq_len}, seed {cfg.seed}")
