@@ -25,10 +25,11 @@ demo: install
 	$(SFT) prepare recipe=demo
 	$(SFT) pack recipe=demo
 	$(SFT) train recipe=demo
+	$(PY) tools/check_demo.py runs/demo
 	$(SFT) evaluate run_dir=runs/demo
 	$(SFT) merge-lora run_dir=runs/demo merge.force=true
-	@echo "demo done: loss curve runs/demo/loss_curve.png | eval runs/demo/eval/report.json, \
-	runs/demo/eval/generations.jsonl, runs/demo/eval/comparison.png | merged model runs/demo/merged"
+	@echo "demo done: loss curve runs/demo/loss_curve.png (.svg) | eval runs/demo/eval/report.json, \
+	runs/demo/eval/generations.jsonl, runs/demo/eval/comparison.png (.svg) | merged model runs/demo/merged"
 
 # make test: everything that runs in this process or a short subprocess (~4 min on 2 cores).
 # make test-slow: the multi-process ones (torchrun, SIGKILL + resume) and the real-model checks.
