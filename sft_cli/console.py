@@ -23,6 +23,20 @@ def silence() -> None:
     out.quiet = err.quiet = True
 
 
+def print_prepared_reused(report: dict, folder: Path, fp: str) -> None:
+    """One line instead of prepare's tables when prepared/ is reused (pack and train call prepare first)."""
+    err.print(f"[green]prepared/ is up to date[/] ({folder}, fingerprint {fp}): {report['kept']:,} examples kept "
+              f"of {report['read']:,} read ({report['train_examples']:,} train, {report['eval_examples']:,} eval), "
+              f"{report['train_tokens'] + report['eval_tokens']:,} tokens, {report['rejected']:,} rejected")
+
+
+def print_packed_reused(report: dict, folder: Path, fp: str) -> None:
+    """One line instead of pack's table when packed/ is reused (train calls pack first)."""
+    splits = ", ".join(f"{name} {s['rows']:,} rows ({s['efficiency']:.1%} full)" for name, s in report["splits"].items())
+    err.print(f"[green]packed/ is up to date[/] ({folder}, fingerprint {fp}): {splits}, max_seq_len "
+              f"{report['max_seq_len']}, {report['strategy']}")
+
+
 def print_prepare_report(report: dict, folder: Path) -> None:
     sources = Table(title=f"sft prepare -> {folder}", title_justify="left")
     for column in ("source", "read", "kept", "rejected", "train", "eval", "weight", "train share"):

@@ -72,18 +72,17 @@ def ensure_packed(cfg: SFTConfig) -> Path:
     fp = fingerprint(PACK_VERSION, read_manifest(prepared)["fingerprint"], cfg.pack.strategy, cfg.max_seq_len,
                      cfg.seed)
     if is_complete(out, fp):
-        ui.err.print(f"[green]packed/ is up to date[/] (fingerprint {fp}): reusing {out}")
-        report = json.loads((out / "report.json").read_text())
-    else:
-        splits = datasets.load_from_disk(str(prepared))
-        with atomic_dir(out) as tmp:
-            report = {"strategy": cfg.pack.strategy, "max_seq_len": cfg.max_seq_len, "splits": {}}
-            for name, split in splits.items():
-                report["splits"][name] = pack_split(split, cfg.pack.strategy, cfg.max_seq_len, cfg.seed, tmp / name,
-                                                    fingerprint(fp, name))
-            write_json_atomic(tmp / "dataset_dict.json", {"splits": list(splits)})  # as DatasetDict writes it
-            write_json_atomic(tmp / "report.json", report)
-            write_manifest(tmp, fp, {"stage": "pack", "strategy": cfg.pack.strategy})
+        ui.print_packed_reused(json.loads((out / "report.json").read_text()), out, fp)
+        return out
+    splits = datasets.load_from_disk(str(prepared))
+    with atomic_dir(out) as tmp:
+        report = {"strategy": cfg.pack.strategy, "max_seq_len": cfg.max_seq_len, "splits": {}}
+        for name, split in splits.items():
+            report["splits"][name] = pack_split(split, cfg.pack.strategy, cfg.max_seq_len, cfg.seed, tmp / name,
+                                                fingerprint(fp, name))
+        write_json_atomic(tmp / "dataset_dict.json", {"splits": list(splits)})  # as DatasetDict writes it
+        write_json_atomic(tmp / "report.json", report)
+        write_manifest(tmp, fp, {"stage": "pack", "strategy": cfg.pack.strategy})
     ui.print_pack_report(report, out)
     return out
 

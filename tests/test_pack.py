@@ -58,6 +58,7 @@ def test_every_example_exactly_once_unchanged(tmp_path, data_file, sft, strategy
         assert report["splits"]["train"]["loss_tokens"] == sum(prepared["train"]["num_loss_tokens"])
     again = sft(*args)
     assert again.returncode == 0 and "packed/ is up to date" in again.stderr
+    assert "sft pack ->" not in again.stdout  # one line, not the whole table again
 
 
 def test_pack_runs_prepare_when_missing_and_refreshes_on_change(tmp_path, data_file, sft):
