@@ -13,12 +13,10 @@ from history is trained in its own example); all of a row's examples are kept or
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from collections import Counter
 from dataclasses import dataclass
-from itertools import chain
 
 import datasets
 import numpy as np
@@ -28,6 +26,7 @@ from sft_cli.data import IGNORE_INDEX
 from sft_cli.data.chat import ChatRenderer
 from sft_cli.data.formats import RowError, check_trainable, example_hash, normalize
 from sft_cli.data.templates import special_tokens
+from sft_cli.data.tokens import Encoder, Tokens, ragged_arange
 
 
 def control_token_pattern(tokenizer) -> re.Pattern | None:
@@ -71,16 +70,6 @@ STAT_COLUMNS = ("rows_with_tools", "tool_calls_trained", "turns_trained", "reaso
                 "turn_examples", "empty_think_filled", "reasoning_inlined", "reasoning_dropped", "turns_untrained")
 
 
-def plain_encoder(tokenizer):
-    """The fast tokenizer's Rust backend as `tokenizer(texts, add_special_tokens=False)` runs it: that
-    call turns off any truncation or padding a tokenizer.json sets, so this copy has none either.
-    Called directly it hands back the Encodings without a Python list per token."""
-    encoder = copy.deepcopy(tokenizer.backend_tokenizer)
-    encoder.no_truncation()
-    encoder.no_padding()
-    return encoder
-
-
 class Renderer:
     """Callable for `datasets.map(batched=True, with_indices=True)`: raw rows -> tokenized, masked
     examples (one or more per row) or one rejection per row."""
@@ -89,7 +78,7 @@ class Renderer:
                  columns: dict[str, dict[str, str]], special_ids: set[int], reasoning_turns: str = "all",
                  reasoning_format: str = "inline", template_kwargs: dict | None = None):
         self.tokenizer = tokenizer
-        self.encoder = plain_encoder(tokenizer)
+        self.encoder = Encoder(tokenizer)
         self.loss_on = loss_on
         self.max_seq_len = max_seq_len
         self.overlong = overlong
@@ -149,23 +138,6 @@ class Renderer:
                 raise RowError("special_token_in_text", f"{where} contains {found.group()!r} at character "
                                f"{found.start()}, which this tokenizer reads as a control token")
 
-    def _encode(self, texts: list[str]) -> Tokens:
-        """Tokenize in one batched call; if the batch fails, text by text so one bad text costs one row."""
-        # add_special_tokens=False: the template (or bos_text) already wrote BOS, so it is never doubled.
-        try:
-            return Tokens.of(self.encoder.encode_batch(texts, add_special_tokens=False), [None] * len(texts))
-        except Exception:
-            pass
-        encodings, errors = [], []
-        for text in texts:
-            try:
-                encodings.append(self.encoder.encode(text, add_special_tokens=False))
-                errors.append(None)
-            except Exception as exc:
-                encodings.append(None)
-                errors.append(RowError("tokenizer_error", f"{type(exc).__name__}: {exc}"))
-        return Tokens.of(encodings, errors)
-
     # -- batched map -------------------------------------------------------------------------
     def __call__(self, batch: dict, indices: list[int] | None = None) -> dict:
         """The map's rows as Python lists (what `table` returns, for reading in tests and tools)."""
@@ -178,7 +150,7 @@ class Renderer:
         planned = [self._plan(batch, j) for j in range(n)]
         cuts = [row[0] for row in planned if not isinstance(row, RowError)]
         texts = [text for cut in cuts for text, *_ in cut]
-        tokens = self._encode(texts)
+        tokens = self.encoder.encode(texts)
         examples = self._label(tokens, [spans for cut in cuts for _, spans, _, _ in cut],
                                [calls for cut in cuts for _, _, calls, _ in cut])
 
@@ -289,31 +261,6 @@ TOKEN_COLUMNS = ("input_ids", "labels")
 
 
 @dataclass
-class Tokens:
-    """Texts tokenized end to end: text k's tokens are ids[bounds[k]:bounds[k + 1]], token t covering
-    characters [starts[t], ends[t]) of its text. errors[k] is set (and text k has no tokens) when it
-    could not be tokenized."""
-
-    ids: np.ndarray
-    starts: np.ndarray
-    ends: np.ndarray
-    bounds: np.ndarray
-    errors: list[RowError | None]
-
-    @classmethod
-    def of(cls, encodings: list, errors: list[RowError | None]) -> Tokens:
-        """From `tokenizers` Encodings (None where a text failed), read in bulk: no per-token Python loop."""
-        done = [e for e in encodings if e is not None]
-        bounds = np.zeros(len(encodings) + 1, dtype=np.int64)
-        bounds[1:] = np.cumsum([len(e) if e is not None else 0 for e in encodings])
-        total = int(bounds[-1])
-        ids = np.fromiter(chain.from_iterable(e.ids for e in done), dtype=np.int32, count=total)
-        offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in done)), dtype=np.int64,
-                              count=2 * total).reshape(total, 2)
-        return cls(ids, offsets[:, 0], offsets[:, 1], bounds, errors)
-
-
-@dataclass
 class Labelled:
     """The labels of a batch's tokens (aligned with Tokens.ids) and, per example, the number of tokens
     it keeps (after max_seq_len), how many carry loss, its stop token ids (the last trained token
@@ -331,7 +278,7 @@ def _as_table(columns: dict[str, list], ids: np.ndarray, labels: np.ndarray, fir
     """Output rows as an Arrow table; row r's tokens are ids[firsts[r]:firsts[r] + lengths[r]]."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     offsets[1:] = np.cumsum(lengths)
-    take = np.repeat(firsts - offsets[:-1], lengths) + np.arange(offsets[-1])  # token index of each output token
+    take = ragged_arange(firsts, lengths)
     schema = OUTPUT_FEATURES.arrow_schema
     arrays = {"input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids[take])),
               "labels": pa.ListArray.from_arrays(offsets, pa.array(labels[take]))}
