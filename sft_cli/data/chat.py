@@ -39,6 +39,7 @@ import itertools
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,11 +90,13 @@ def _snap_before_marker(text: str, pos: int, markers: list[str]) -> int:
     return pos
 
 
-def _variants(text: str) -> list[str]:
-    """How a template may print a string: as is, JSON-escaped (tojson), or Python-escaped (repr)."""
+def _variants(text: str) -> Iterator[str]:
+    """How a template may print a string: as is, JSON-escaped (tojson), or Python-escaped (repr);
+    lazily, since the first is almost always the one."""
     text = text.strip()
-    return list(dict.fromkeys([text, json.dumps(text, ensure_ascii=False)[1:-1], json.dumps(text)[1:-1],
-                               repr(text)[1:-1]]))
+    yield text
+    yield from dict.fromkeys([json.dumps(text, ensure_ascii=False)[1:-1], json.dumps(text)[1:-1],
+                              repr(text)[1:-1]])
 
 
 def _appears(value: Any, text: str) -> bool:
@@ -240,7 +243,7 @@ class ChatRenderer:
 
     # -- special tokens ----------------------------------------------------------------------
     def _ends_special(self, text: str) -> bool:
-        return any(text.endswith(s) for s in self.specials)
+        return text.endswith(tuple(self.specials))
 
     def _special_at(self, text: str, pos: int) -> tuple[int, int, str] | None:
         """(start, end, token) of a special token at `pos`, after whitespace only."""
