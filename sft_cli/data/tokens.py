@@ -108,6 +108,15 @@ def pieces_are_independent(config: dict) -> bool:
             and not (config.get("model") or {}).get("dropout"))
 
 
+def _components(backend) -> dict:
+    """The tokenizer.json parts `pieces_are_independent` reads, without serialising the vocabulary."""
+    def state(component):
+        return json.loads(component.__getstate__()) if component is not None else None
+
+    return {"pre_tokenizer": state(backend.pre_tokenizer), "post_processor": state(backend.post_processor),
+            "model": {"dropout": getattr(backend.model, "dropout", None)}}
+
+
 def control_token_cut(backend) -> re.Pattern | None:
     """A regex matching the added tokens a tokenizer cuts texts at (leftmost, longest first, as its own
     matcher does), or None when pieces cannot be tokenized apart: a token that also takes the
@@ -115,7 +124,7 @@ def control_token_cut(backend) -> re.Pattern | None:
     added = [t for t in backend.get_added_tokens_decoder().values() if not t.normalized]
     if not added or backend.encode_special_tokens or any(t.lstrip or t.rstrip or t.single_word for t in added):
         return None
-    if not pieces_are_independent(json.loads(backend.to_str())):
+    if not pieces_are_independent(_components(backend)):
         return None
     return re.compile("|".join(re.escape(t.content) for t in sorted(added, key=lambda t: -len(t.content))))
 
