@@ -5,7 +5,9 @@ character spans that carry loss (every assistant turn exactly as the model gener
 its reasoning, tool calls and end token); here those texts are tokenized and the spans become
 labels. Characters map to tokens through the fast tokenizer's offsets; a token is trained when it
 overlaps a span. One raw row may give several examples (a turn whose reasoning the template drops
-from history is trained in its own example); all of a row's examples are kept or none.
+from history is trained in its own example); all of a row's examples are kept or none. A map batch
+is tokenized in one call (`data/tokens.py`), labelled with numpy and handed back as an Arrow table:
+no Python object per token.
 
     ChatML:  <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
     loss:                                                        ^^^^^^^^^^^^^^^^
