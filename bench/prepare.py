@@ -15,6 +15,11 @@ compute) and with assistant_only_loss=True on a copy of the same chat template w
 Throughput, token counts, peak memory and the speed ratio go into the "## prepare" section of
 BENCHMARKS.md and a table on the terminal.
 
+A floor is measured once, in its own process: each conversation rendered once with
+`apply_chat_template` and those texts tokenized once by the Rust tokenizer alone, the least any exact
+preparation does (TRL and ours both tokenize every token at least once); the section says how much of
+ours' time is left besides it.
+
     python -m bench.prepare             # 100,000 rows, ~10 minutes on 2 cores (make bench-prepare)
     python -m bench.prepare --quick     # 10,000 rows
     python -m bench.prepare --repeat 2  # every configuration twice, the faster run kept
@@ -200,6 +205,52 @@ def trl_worker(spec: dict) -> None:
                       "loss_tokens": loss_tokens}))
 
 
+def run_floor(tokenizer_dir: str, data: Path, template: Path | None, tmp: Path) -> dict:
+    """What any exact preparation spends at least: each conversation rendered once and tokenized once."""
+    cmd = [sys.executable, "-m", "bench.prepare", "--floor-worker", json.dumps({
+        "data": str(data), "tokenizer": tokenizer_dir, "template": str(template) if template else None})]
+    log = tmp / "floor.log"
+    measure(cmd, tmp, log)
+    return last_json(log.read_text())
+
+
+def floor_worker(spec: dict) -> None:
+    """In a subprocess: one `apply_chat_template` render per row, then the Rust tokenizer alone on those
+    texts (`encode_batch` in batches of 512, one thread, offsets made but not read), each timed."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    if spec["template"]:
+        tokenizer.chat_template = Path(spec["template"]).read_text()
+    with open(spec["data"]) as handle:
+        rows = [json.loads(line) for line in handle]
+    start = time.perf_counter()
+    texts = [tokenizer.apply_chat_template(row["messages"], tools=row.get("tools"), tokenize=False) for row in rows]
+    render_s = time.perf_counter() - start
+    backend, tokens = tokenizer.backend_tokenizer, 0
+    start = time.perf_counter()
+    for lo in range(0, len(texts), 512):
+        tokens += sum(len(e) for e in backend.encode_batch(texts[lo:lo + 512], add_special_tokens=False))
+    print(json.dumps({"render_s": render_s, "tokenize_s": time.perf_counter() - start, "tokens": tokens}))
+
+
+def floor_note(floor: dict, results: list[dict]) -> str:
+    """Where the time goes: the floor against ours and TRL (loss on assistant, else on all) at num_proc 1."""
+    ours = next(r for r in results if r["side"] == "sft prepare" and r["num_proc"] == 1)
+    trl = next((r for loss in ("assistant", "all") for r in results
+                if r["side"] == "trl" and r["loss"] == loss and r["num_proc"] == 1), None)
+    per_token_us = 1e6 * floor["tokenize_s"] / max(floor["tokens"], 1)
+    note = (f"**Floor** (one process): rendering each conversation once with `apply_chat_template` takes "
+            f"{floor['render_s']:.1f} s and tokenizing those texts once with the Rust tokenizer alone "
+            f"{floor['tokenize_s']:.1f} s ({floor['tokens']:,} tokens, {per_token_us:.2f} µs per token); "
+            f"ours at num_proc 1 spends {ours['work_s']:.1f} s in all")
+    if trl:
+        note += (f", TRL (loss on {trl['loss']}) {trl['work_s']:.1f} s: 2x TRL would leave ours "
+                 f"{trl['work_s'] / 2:.1f} s, {trl['work_s'] / 2 - floor['tokenize_s']:.1f} s of it besides "
+                 "tokenizing")
+    return note + "."
+
+
 # -- report ---------------------------------------------------------------------------------------
 def rows_of(results: list[dict], rows: int) -> list[list[str]]:
     table = []
@@ -264,6 +315,9 @@ def benchmark(rows: int, repeat: int, console, kind: str = "chat") -> dict:
         startup, imports = ours_startup(model, data, tmp), import_cost(tmp)
         console.print(f"sft CLI startup (`--cfg job`): {startup:.2f} s; importing datasets+torch+transformers: "
                       f"{imports:.2f} s")
+        floor = run_floor(model_dir, data, trl_all_template, tmp)
+        console.print(f"floor: one render per row {floor['render_s']:.1f} s, the tokenizer alone "
+                      f"{floor['tokenize_s']:.1f} s ({floor['tokens']:,} tokens)")
         configs = []
         for num_proc in (1, 2):
             configs += [("sft prepare", "assistant", num_proc,
@@ -285,7 +339,7 @@ def benchmark(rows: int, repeat: int, console, kind: str = "chat") -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"model": model, "note": note.strip(), "startup": startup, "imports": imports,
-            "results": list(best.values()), "kind": kind}
+            "results": list(best.values()), "kind": kind, "floor": floor}
 
 
 def agentic_section(bench: dict, rows: int, repeat: int, command: str) -> str:
@@ -305,7 +359,8 @@ def agentic_section(bench: dict, rows: int, repeat: int, command: str) -> str:
         "twin, which is prefix-preserving: it keeps every turn's reasoning in the history, where the stock "
         "template (and so inference) drops it. One example per row, so fewer tokens; its replies are trained "
         "after a history unlike the one the model sees at inference. TRL, loss on all: the stock template, no mask.",
-        "- **work** and **wall** as in the section above.", "",
+        "- **work** and **wall** as in the section above.",
+        f"- {floor_note(bench['floor'], results)}", "",
         markdown(HEADER, rows_of(results, rows)), "",
         "Speed ratio (ours / TRL, input rows per second):", "",
         markdown(RATIO_HEADER, ratios(results)), "",
@@ -329,6 +384,7 @@ def section(bench: dict, rows: int, repeat: int, command: str) -> str:
         "\"TRL, loss on all\" is its default for `messages` data: no mask at all. \"TRL, loss on assistant\" is "
         "`assistant_only_loss=True` with `{% generation %}` markers added to a copy of the same template (TRL "
         "requires them; the text renders identically)." + same_mask,
+        floor_note(bench["floor"], results),
     ] + ([f"**Note:** {bench['note']}"] if bench["note"] else [])
     return "\n".join([
         "## prepare", "",
@@ -355,9 +411,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="plain chats, or tool calls + reasoning on Qwen3's template")
     parser.add_argument("--no-write", action="store_true", help="print the tables, leave BENCHMARKS.md alone")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: one TRL run, JSON spec
+    parser.add_argument("--floor-worker", help=argparse.SUPPRESS)  # internal: render + tokenize alone, JSON spec
     args = parser.parse_args(argv)
     if args.trl_worker:
         return trl_worker(json.loads(args.trl_worker))
+    if args.floor_worker:
+        return floor_worker(json.loads(args.floor_worker))
     rows = 10_000 if args.quick else args.rows
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rich.console import Console

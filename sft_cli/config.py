@@ -37,7 +37,7 @@ TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "m
 # merge.max_shard_size: a number and a unit, as huggingface_hub parses it (500MB, 2GB).
 SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*[KMGT]B\s*$", re.IGNORECASE)
 MIN_SEQ_LEN = 8  # shorter rows cannot hold a chat template's markers
-MAX_SEQ_LEN = 2**31 - 1  # token counts are stored as int32 (prepare.py FEATURES)
+MAX_SEQ_LEN = 2**31 - 1  # token counts are stored as int32 (data/render.py OUTPUT_FEATURES)
 MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy seed sequences take non-negative 64-bit ints
 
 

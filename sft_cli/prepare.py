@@ -29,7 +29,7 @@ import numpy as np
 from sft_cli import console as ui
 from sft_cli.config import LossOn, SFTConfig, to_yaml
 from sft_cli.data.mix import mix_counts, sample, split_indices
-from sft_cli.data.render import STAT_COLUMNS, Renderer
+from sft_cli.data.render import OUTPUT_FEATURES, STAT_COLUMNS, Renderer
 from sft_cli.data.sources import content_fingerprint, default_num_proc, load_source, source_name
 from sft_cli.data.templates import load_tokenizer, special_token_ids
 from sft_cli.errors import ConfigError, SFTError
@@ -47,17 +47,6 @@ from sft_cli.run_dir import (
 # 3: tool calls, reasoning, per-turn examples, stop tokens learned from the template).
 PREPARE_VERSION = 3
 KEPT_COLUMNS = ["input_ids", "labels", "source", "location", "num_tokens", "num_loss_tokens"]
-FEATURES = datasets.Features({
-    "input_ids": datasets.Sequence(datasets.Value("int32")),
-    "labels": datasets.Sequence(datasets.Value("int32")),
-    "source": datasets.Value("string"), "location": datasets.Value("string"),
-    "hash": datasets.Value("int64"), "reason": datasets.Value("string"), "detail": datasets.Value("string"),
-    "kind": datasets.Value("string"), "num_tokens": datasets.Value("int32"),
-    "num_loss_tokens": datasets.Value("int32"), "last_loss_id": datasets.Value("int64"),
-    "row": datasets.Value("int64"), "part": datasets.Value("int32"), "own": datasets.Value("int8"),
-    "stop_ids": datasets.Sequence(datasets.Value("int64")),
-    **{name: datasets.Value("int32") for name in STAT_COLUMNS},
-})
 
 
 def _check_sources(cfg: SFTConfig) -> None:
@@ -138,9 +127,11 @@ def _tokenize(cfg: SFTConfig, tokenizer, names: list[str], work: Path):
         columns={n: dict(s.columns) for n, s in zip(names, data.sources)},
         special_ids=special_token_ids(tokenizer), reasoning_turns=data.reasoning_turns.value,
         reasoning_format=data.reasoning_format.value, template_kwargs=dict(data.chat_template_kwargs))
+    num_proc = default_num_proc(len(raw), data.num_proc)
     with ui.datasets_progress():
-        processed = raw.map(renderer, batched=True, batch_size=512, remove_columns=raw.column_names, with_indices=True,
-                            features=FEATURES, num_proc=default_num_proc(len(raw), data.num_proc),
+        # One process maps in this one: a pool of one would only add a fork and a copy of every batch.
+        processed = raw.map(renderer.table, batched=True, batch_size=512, remove_columns=raw.column_names,
+                            with_indices=True, features=OUTPUT_FEATURES, num_proc=num_proc if num_proc > 1 else None,
                             cache_file_name=str(work / "processed.arrow"), desc="templating + tokenizing")
     return raw, processed, renderer.stop_tokens()
 

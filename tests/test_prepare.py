@@ -195,3 +195,126 @@ def test_loss_on_all_chat_data_passes_the_audit(tmp_path, sft):
     result = sft("prepare", "model.name_or_path=builtin:tiny-llama-chatml", f"data.sources=[{{path: {data}}}]",
                  "data.loss_on=all", f"run_dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# -- the prepared output, pinned ---------------------------------------------------------------------
+WORDS = ["alpha", "beta", "gamma", "Ünïcödé", "中文", "🙂", "time", "model", "loss", "token", "42", "x\ny", "  ", "-"]
+
+
+def _words(rng, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS, size=int(rng.integers(low, high)))).strip() or "empty"
+
+
+def plain_rows(rows: int = 300, seed: int = 7) -> list:
+    """Every input shape prepare reads (chats of 1-3 turns with and without a system prompt, ShareGPT,
+    alpaca, prompt/completion as strings and as messages, text), with duplicates, bad rows and
+    overlong rows among them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out: list = []
+    for i in range(rows):
+        kind = i % 10
+        if kind < 5:
+            messages = [{"role": "system", "content": _words(rng, 2, 6)}] if rng.random() < 0.3 else []
+            for _ in range(int(rng.integers(1, 4))):
+                messages += [{"role": "user", "content": _words(rng, 1, 12)},
+                             {"role": "assistant", "content": _words(rng, 1, 40 if rng.random() < 0.9 else 400)}]
+            out.append({"messages": messages})
+        elif kind == 5:
+            out.append({"conversations": [{"from": "human", "value": _words(rng, 1, 9)},
+                                          {"from": "gpt", "value": _words(rng, 1, 30)}]})
+        elif kind == 6:
+            out.append({"instruction": _words(rng, 1, 9), "input": _words(rng, 0, 3), "output": _words(rng, 1, 30)})
+        elif kind == 7:
+            out.append({"prompt": _words(rng, 1, 9), "completion": _words(rng, 1, 30)})
+        elif kind == 8:
+            out.append({"prompt": [{"role": "user", "content": _words(rng, 1, 9)}],
+                        "completion": [{"role": "assistant", "content": _words(rng, 1, 30)}]})
+        else:
+            out.append({"text": _words(rng, 1, 60)})
+        if i % 23 == 22:
+            out.append(out[int(rng.integers(len(out)))])  # an exact duplicate
+        if i % 41 == 40:
+            out.append(BAD_ROWS[int(rng.integers(len(BAD_ROWS) - 1))][0])
+    return out
+
+
+def agentic_rows(rows: int = 40, seed: int = 11) -> list[dict]:
+    """Tool calls (one or two, arguments as objects or JSON text), tool results, reasoning as a field
+    and inline, turns without reasoning, and plain chats among them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tools = [{"type": "function", "function": {"name": name, "description": _words(rng, 2, 6),
+                                               "parameters": {"type": "object", "properties": {
+                                                   "q": {"type": "string"}}}}} for name in ("lookup", "weather")]
+    out = []
+    for i in range(rows):
+        calls = [{"type": "function", "function": {"name": str(rng.choice(["lookup", "weather"])), "arguments": (
+            json.dumps({"q": _words(rng, 1, 4)}) if rng.random() < 0.5 else {"q": _words(rng, 1, 4)})}}
+            for _ in range(int(rng.integers(1, 3)))]
+        messages = [{"role": "user", "content": _words(rng, 1, 10)},
+                    {"role": "assistant", "content": None, "tool_calls": calls,
+                     **({"reasoning_content": _words(rng, 1, 20)} if rng.random() < 0.8 else {})}]
+        messages += [{"role": "tool", "content": _words(rng, 1, 15)} for _ in calls]
+        answer = _words(rng, 1, 30)
+        messages.append({"role": "assistant", "content": f"<think>{_words(rng, 1, 10)}</think>{answer}"
+                         if rng.random() < 0.3 else answer})
+        if rng.random() < 0.6:
+            messages += [{"role": "user", "content": _words(rng, 1, 10)},
+                         {"role": "assistant", "content": _words(rng, 1, 20), "reasoning_content": _words(rng, 1, 15)}]
+        out.append({"tools": tools, "messages": messages} if i % 7 else {"messages": messages[:1] + messages[-1:]})
+    return out
+
+
+def prepared_digest(run_dir) -> str:
+    """sha256 of everything prepare wrote that a later stage reads: every column of every split,
+    the features, the report (bar the run folder) and the rejected rows. Locations name the data file
+    by its path: the test's temporary folder is left out."""
+    import hashlib
+
+    prepared = run_dir / "prepared"
+    dataset = datasets.load_from_disk(str(prepared))
+    report = {k: v for k, v in json.loads((prepared / "report.json").read_text()).items() if k != "run_dir"}
+    content = {"splits": {name: {"features": split.features.to_dict(), "columns": split.to_dict()}
+                          for name, split in dataset.items()},
+               "report": report, "rejected": (prepared / "rejected.jsonl").read_text()}
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False).replace(str(run_dir.parent), "TMP")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def qwen3_template():
+    """TRL's copy of Qwen3's template: its history drops old reasoning, so turns get their own examples."""
+    from pathlib import Path
+
+    trl = pytest.importorskip("trl")
+    return Path(trl.__file__).parent / "chat_templates" / "qwen3.jinja"
+
+
+CASES = {  # name: (rows, overrides); a few plain rows are overlong at 1024 tokens, no agentic one
+    "plain": (plain_rows, ["max_seq_len=1024"]),
+    "plain_truncated": (plain_rows, ["max_seq_len=1024", "data.overlong=truncate", "data.loss_on=last_assistant"]),
+    "agentic": (agentic_rows, ["max_seq_len=4096", "data.chat_template=QWEN3"]),
+}
+PINNED = {"plain": "c590ab38056ef0e84ea9ec49b00089eebc4cc23ff19a8cf4b5a9ff300deaf5f1",
+          "plain_truncated": "b7c7e348dce5961c2621bf0035b4f2e0a8a685f8346eb48d57440b39a61dbbe4",
+          "agentic": "c5764759089bca530f78acfc879bef46c7de60512fb301c3ce644a958117fd33"}
+
+
+def prepare_case(sft, write_jsonl, tmp_path, case: str, num_proc: int):
+    rows, overrides = CASES[case]
+    path = write_jsonl(tmp_path / f"{case}.jsonl", rows())
+    overrides = [o.replace("QWEN3", str(qwen3_template())) for o in overrides]
+    return sft("prepare", MODEL, sources({"path": str(path)}), "data.eval_fraction=0.1", f"data.num_proc={num_proc}",
+               f"run_dir={tmp_path / 'run'}", *overrides)
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+@pytest.mark.parametrize("case", list(CASES))
+def test_prepared_output_is_pinned(tmp_path, write_jsonl, sft, case, num_proc):
+    """Speed work must not change a single token, label or count: the same input and seed give
+    these exact bytes, with one worker or two."""
+    result = prepare_case(sft, write_jsonl, tmp_path, case, num_proc)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert prepared_digest(tmp_path / "run") == PINNED[case]

@@ -39,6 +39,7 @@ import itertools
 import json
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,11 +90,13 @@ def _snap_before_marker(text: str, pos: int, markers: list[str]) -> int:
     return pos
 
 
-def _variants(text: str) -> list[str]:
-    """How a template may print a string: as is, JSON-escaped (tojson), or Python-escaped (repr)."""
+def _variants(text: str) -> Iterator[str]:
+    """How a template may print a string: as is, JSON-escaped (tojson), or Python-escaped (repr);
+    lazily, since the first is almost always the one."""
     text = text.strip()
-    return list(dict.fromkeys([text, json.dumps(text, ensure_ascii=False)[1:-1], json.dumps(text)[1:-1],
-                               repr(text)[1:-1]]))
+    yield text
+    yield from dict.fromkeys([json.dumps(text, ensure_ascii=False)[1:-1], json.dumps(text)[1:-1],
+                              repr(text)[1:-1]])
 
 
 def _appears(value: Any, text: str) -> bool:
@@ -158,7 +161,42 @@ class ChatRenderer:
         try:
             return self._render(messages, add_generation_prompt, tools, kwargs, return_indices)
         except Exception as exc:  # the template's raise_exception, or a jinja error on this data
-            raise RowError("template_error", (str(exc).splitlines() or [type(exc).__name__])[0][:200]) from None
+            raise _template_error(exc) from None
+
+    def row_renderer(self, messages: list[dict], tools=None, kwargs=None) -> Callable[..., str]:
+        """`render` for lists of one row's messages (prefixes of `messages`, or them plus a changed
+        last turn), with render_jinja_template's own steps: the compiled template, each message and
+        the tools made template-safe by its helpers, but once per row rather than once per render
+        (a row renders up to 2k+1 prefixes of itself)."""
+        try:
+            from transformers.utils.chat_template_utils import (
+                _alias_reasoning_fields,
+                _compile_jinja_template,
+                _plain_template_data,
+            )
+        except ImportError:  # an older transformers: every render goes through render_jinja_template
+            return lambda upto, add_generation_prompt=False: self.render(upto, add_generation_prompt, tools, kwargs)
+        template = _compile_jinja_template(self.template)
+        variables = _plain_template_data({**self.template_vars, **self.template_kwargs, **(kwargs or {})})
+        tool_schemas = _plain_template_data(tools)
+
+        def safe(message: dict) -> dict:
+            # As apply_chat_template does: a key set to None is a key not given.
+            return _alias_reasoning_fields(_plain_template_data([{k: v for k, v in message.items()
+                                                                  if v is not None}]))[0]
+
+        # Keyed by identity: the row's messages stay alive while it renders, so no id is reused.
+        ready = {id(m): safe(m) for m in messages}
+
+        def render(upto: list[dict], add_generation_prompt: bool = False) -> str:
+            chat = [ready[id(m)] if id(m) in ready else safe(m) for m in upto]
+            try:
+                return template.render(messages=chat, tools=tool_schemas, documents=None,
+                                       add_generation_prompt=add_generation_prompt, **variables)
+            except Exception as exc:
+                raise _template_error(exc) from None
+
+        return render
 
     def _try(self, messages: list[dict], *args, **kwargs) -> str | None:
         if self._profile is not None and self._profile["parts"]:
@@ -240,7 +278,7 @@ class ChatRenderer:
 
     # -- special tokens ----------------------------------------------------------------------
     def _ends_special(self, text: str) -> bool:
-        return any(text.endswith(s) for s in self.specials)
+        return text.endswith(tuple(self.specials))
 
     def _special_at(self, text: str, pos: int) -> tuple[int, int, str] | None:
         """(start, end, token) of a special token at `pos`, after whitespace only."""
@@ -309,9 +347,7 @@ class ChatRenderer:
         if tools:
             stats["rows_with_tools"] += 1
 
-        def render(upto: list[dict], add_generation_prompt: bool = False) -> str:
-            return self.render(upto, add_generation_prompt, tools, kwargs)
-
+        render = self.row_renderer(messages, tools, kwargs)
         if self.uses_generation_blocks:
             full, indices = self.render(messages, False, tools, kwargs, return_indices=True)
         else:
@@ -478,6 +514,11 @@ class ChatRenderer:
             if message["role"] == "tool" and not _appears(message["content"], full):
                 raise RowError("template_drops_tool_results", f"messages[{i}]: the template does not render this "
                                "tool result")
+
+
+def _template_error(exc: Exception) -> RowError:
+    """A template's failure on a row (its raise_exception, or a jinja error on this data) as a rejection."""
+    return RowError("template_error", (str(exc).splitlines() or [type(exc).__name__])[0][:200])
 
 
 def _as_parts(message: dict) -> dict:

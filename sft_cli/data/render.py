@@ -5,7 +5,9 @@ character spans that carry loss (every assistant turn exactly as the model gener
 its reasoning, tool calls and end token); here those texts are tokenized and the spans become
 labels. Characters map to tokens through the fast tokenizer's offsets; a token is trained when it
 overlaps a span. One raw row may give several examples (a turn whose reasoning the template drops
-from history is trained in its own example); all of a row's examples are kept or none.
+from history is trained in its own example); all of a row's examples are kept or none. A map batch
+is tokenized in one call (`data/tokens.py`), labelled with numpy and handed back as an Arrow table:
+no Python object per token.
 
     ChatML:  <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nHello!<|im_end|>\\n
     loss:                                                        ^^^^^^^^^^^^^^^^
@@ -16,13 +18,17 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 
+import datasets
 import numpy as np
+import pyarrow as pa
 
 from sft_cli.data import IGNORE_INDEX
 from sft_cli.data.chat import ChatRenderer
 from sft_cli.data.formats import RowError, check_trainable, example_hash, normalize
 from sft_cli.data.templates import special_tokens
+from sft_cli.data.tokens import Encoder, Tokens, ragged_arange
 
 
 def control_token_pattern(tokenizer) -> re.Pattern | None:
@@ -74,6 +80,7 @@ class Renderer:
                  columns: dict[str, dict[str, str]], special_ids: set[int], reasoning_turns: str = "all",
                  reasoning_format: str = "inline", template_kwargs: dict | None = None):
         self.tokenizer = tokenizer
+        self.encoder = Encoder(tokenizer)
         self.loss_on = loss_on
         self.max_seq_len = max_seq_len
         self.overlong = overlong
@@ -133,113 +140,173 @@ class Renderer:
                 raise RowError("special_token_in_text", f"{where} contains {found.group()!r} at character "
                                f"{found.start()}, which this tokenizer reads as a control token")
 
-    def _encode(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]] | RowError]:
-        """Tokenize in one batched call; if the batch fails, row by row so one bad text costs one row."""
-        # add_special_tokens=False: the template (or bos_text) already wrote BOS, so it is never doubled.
-        kwargs = {"add_special_tokens": False, "return_offsets_mapping": True, "return_attention_mask": False}
-        try:
-            encoded = self.tokenizer(texts, **kwargs)
-            return list(zip(encoded["input_ids"], encoded["offset_mapping"]))
-        except Exception:
-            pass
-        results = []
-        for text in texts:
-            try:
-                one = self.tokenizer(text, **kwargs)
-                results.append((one["input_ids"], one["offset_mapping"]))
-            except Exception as exc:
-                results.append(RowError("tokenizer_error", f"{type(exc).__name__}: {exc}"))
-        return results
-
     # -- batched map -------------------------------------------------------------------------
     def __call__(self, batch: dict, indices: list[int] | None = None) -> dict:
+        """The map's rows as Python lists (what `table` returns, for reading in tests and tools)."""
+        return self.table(batch, indices).to_pydict()
+
+    def table(self, batch: dict, indices: list[int] | None = None) -> pa.Table:
+        """A batch of raw rows -> their examples (or one rejection per row), as Arrow columns."""
         n = len(batch["raw"])
         indices = list(range(n)) if indices is None else indices
-        planned = []  # per row: (examples, stats, hash, kind) or a RowError
-        for j in range(n):
-            try:
-                if batch["error"][j]:
-                    reason, _, detail = batch["error"][j].partition(": ")
-                    raise RowError(reason, detail)
-                source = batch["source"][j]
-                example = normalize(batch["raw"][j], self.formats[source], self.columns[source])
-                check_trainable(example, self.loss_on)
-                self.check_no_control_tokens(example)
-                cut, stats = self.examples(example)
-                planned.append((cut, stats, example_hash(example), example["kind"]))
-            except RowError as exc:
-                planned.append(exc)
-            except Exception as exc:  # a bug of ours must cost one counted row, never the whole run
-                planned.append(RowError("unexpected_error", f"{type(exc).__name__}: {exc}"))
-        texts = [text for row in planned if not isinstance(row, RowError) for text, *_ in row[0]]
-        encoded = iter(self._encode(texts) if texts else [])
+        planned = [self._plan(batch, j) for j in range(n)]
+        cuts = [row[0] for row in planned if not isinstance(row, RowError)]
+        texts = [text for cut in cuts for text, *_ in cut]
+        tokens = self.encoder.encode(texts)
+        examples = self._label(tokens, [spans for cut in cuts for _, spans, _, _ in cut],
+                               [calls for cut in cuts for _, _, calls, _ in cut])
 
-        out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
+        out: dict[str, list] = {name: [] for name in OUTPUT_FEATURES if name not in TOKEN_COLUMNS}
+        lengths: list[int] = []  # tokens written per output row
+        firsts: list[int] = []  # token of `tokens` each output row starts at
+        k = 0  # index of the row's first example
         for j, row in enumerate(planned):
             if not isinstance(row, RowError):
                 cut, stats, row_hash, kind = row
-                results = [self._tokens(next(encoded), spans, call_spans) for _, spans, call_spans, _ in cut]
-                row = next((r for r in results if isinstance(r, RowError)), row)  # a row is kept whole or not at all
+                first, k = k, k + len(cut)
+                # A row is kept whole or not at all.
+                row = next((examples.errors[e] for e in range(first, k) if examples.errors[e]), row)
             if isinstance(row, RowError):
                 self._append(out, batch, j, indices[j], reason=row.reason, detail=_printable(row.detail))
+                lengths.append(0)
+                firsts.append(0)
                 continue
-            for part, ((_, _, _, own), (ids, labels, stop_ids)) in enumerate(zip(cut, results)):
-                supervised = [t for t in labels if t != IGNORE_INDEX]
+            for part, e in enumerate(range(first, k)):
                 # Several examples of one row differ by part: they must not count as duplicates.
                 part_hash = row_hash if part == 0 else example_hash({"row": row_hash, "part": part})
-                self._append(out, batch, j, indices[j], input_ids=ids, labels=labels, hash=part_hash, kind=kind,
-                             part=part, own=int(own), num_tokens=len(ids), num_loss_tokens=len(supervised),
-                             last_loss_id=supervised[-1], stop_ids=stop_ids,
+                self._append(out, batch, j, indices[j], hash=part_hash, kind=kind, part=part, own=int(cut[part][3]),
+                             num_tokens=int(examples.lengths[e]), num_loss_tokens=int(examples.num_loss[e]),
+                             last_loss_id=examples.stops[e][0], stop_ids=sorted(set(examples.stops[e])),
                              **{name: stats.get(name, 0) if part == 0 else 0 for name in STAT_COLUMNS})
-        return out
+                lengths.append(int(examples.lengths[e]))
+                firsts.append(int(tokens.bounds[e]))
+        return _as_table(out, tokens.ids, examples.labels, np.asarray(firsts, dtype=np.int64),
+                         np.asarray(lengths, dtype=np.int64))
 
-    def _tokens(self, encoded, spans, call_spans):
-        """(ids, labels, stop ids) of one example, or RowError."""
-        if isinstance(encoded, RowError):
-            return encoded
-        ids, offsets = encoded
-        labels = loss_labels(ids, offsets, spans)
+    def _plan(self, batch: dict, j: int) -> tuple[list, Counter, int, str] | RowError:
+        """Row j of the batch -> (its examples as text and spans, counts, hash, kind), or why not."""
+        try:
+            if batch["error"][j]:
+                reason, _, detail = batch["error"][j].partition(": ")
+                raise RowError(reason, detail)
+            source = batch["source"][j]
+            example = normalize(batch["raw"][j], self.formats[source], self.columns[source])
+            check_trainable(example, self.loss_on)
+            self.check_no_control_tokens(example)
+            cut, stats = self.examples(example)
+            return cut, stats, example_hash(example), example["kind"]
+        except RowError as exc:
+            return exc
+        except Exception as exc:  # a bug of ours must cost one counted row, never the whole run
+            return RowError("unexpected_error", f"{type(exc).__name__}: {exc}")
+
+    def _label(self, tokens: Tokens, spans: list[list[tuple[int, int]]], call_spans: list[list[int]]) -> Labelled:
+        """Labels of every token and, per example, its length, loss-token count, stop ids or error."""
+        lengths = np.diff(tokens.bounds)
+        kept = np.minimum(lengths, self.max_seq_len)  # overlong examples are cut (or dropped below)
+        example = np.repeat(np.arange(len(lengths)), lengths)  # the example each token belongs to
+        position = np.arange(len(tokens.ids)) - tokens.bounds[example]
         # Position 0 is never a target: nothing precedes it. Counting it would make the loss-token
         # count (and so the loss normalisation) differ from what training can actually predict.
-        labels[0] = IGNORE_INDEX
-        if len(ids) > self.max_seq_len:
-            if self.overlong == "drop":
-                return RowError("overlong", f"{len(ids)} tokens > max_seq_len {self.max_seq_len}")
-            ids, labels = ids[: self.max_seq_len], labels[: self.max_seq_len]
-        if all(t == IGNORE_INDEX for t in labels):
-            return RowError("no_loss_tokens", f"{len(ids)} tokens, none trained")
-        # The tokens that end generation: the example's last trained token, and each tool call's
-        # (the model stops there to wait for the result: gpt-oss <|call|>, GLM <|observation|>).
-        stops = {next(t for t in reversed(labels) if t != IGNORE_INDEX)}
-        for k in call_spans:
-            last = _last_token_in(offsets, spans[k], len(ids))
-            if last is not None:
-                stops.add(int(ids[last]))
-        return list(ids), labels, sorted(stops)
+        trained = in_spans(tokens.starts, tokens.ends, example, spans) & (position > 0) & (position < kept[example])
+        labels = np.where(trained, tokens.ids, IGNORE_INDEX).astype(np.int32)
+        trained_before = np.concatenate([[0], np.cumsum(trained)])
+        num_loss = trained_before[tokens.bounds[1:]] - trained_before[tokens.bounds[:-1]]
+        last_trained = np.maximum.accumulate(np.where(trained, np.arange(len(trained)), -1)) if len(trained) else trained
+        errors: list[RowError | None] = []
+        stops: list[list[int]] = []
+        for e, (start, n, limit) in enumerate(zip(tokens.bounds[:-1].tolist(), lengths.tolist(), kept.tolist())):
+            error = tokens.errors[e]
+            if error is None and n > self.max_seq_len and self.overlong == "drop":
+                error = RowError("overlong", f"{n} tokens > max_seq_len {self.max_seq_len}")
+            if error is None and num_loss[e] == 0:
+                error = RowError("no_loss_tokens", f"{limit} tokens, none trained")
+            errors.append(error)
+            if error is not None:
+                stops.append([])
+                continue
+            # The tokens that end generation: the example's last trained token, and each tool call's
+            # (the model stops there to wait for the result: gpt-oss <|call|>, GLM <|observation|>).
+            window = slice(start, start + limit)
+            found = [int(tokens.ids[last_trained[start + limit - 1]])]
+            for k in call_spans[e]:
+                inside = np.flatnonzero(_overlaps(tokens.starts[window], tokens.ends[window], *spans[e][k]))
+                found += [int(tokens.ids[start + inside[-1]])] if len(inside) else []
+            stops.append(found)
+        return Labelled(labels, kept, num_loss, errors, stops)
 
     @staticmethod
     def _append(out: dict, batch: dict, j: int, row: int, **values) -> None:
-        defaults = {"input_ids": [], "labels": [], "hash": 0, "reason": "", "detail": "", "kind": "", "part": 0,
-                    "own": 0, "num_tokens": 0, "num_loss_tokens": 0, "last_loss_id": -1, "stop_ids": []}
+        defaults = {"hash": 0, "reason": "", "detail": "", "kind": "", "part": 0, "own": 0, "num_tokens": 0,
+                    "num_loss_tokens": 0, "last_loss_id": -1, "stop_ids": []}
         defaults.update({name: 0 for name in STAT_COLUMNS})
         defaults.update(values)
         defaults.update(source=batch["source"][j], location=batch["location"][j], row=row)
-        for name in OUTPUT_COLUMNS:
-            out[name].append(defaults[name])
+        for name, column in out.items():
+            column.append(defaults[name])
 
 
-OUTPUT_COLUMNS = ("input_ids", "labels", "source", "location", "row", "part", "own", "hash", "reason", "detail",
-                  "kind", "num_tokens", "num_loss_tokens", "last_loss_id", "stop_ids", *STAT_COLUMNS)
+# The map's output: one row per example, or one per rejected raw row (prepare.py keeps the first
+# six columns; the others serve dedupe, the split and the report).
+OUTPUT_FEATURES = datasets.Features({
+    "input_ids": datasets.Sequence(datasets.Value("int32")),
+    "labels": datasets.Sequence(datasets.Value("int32")),
+    "source": datasets.Value("string"), "location": datasets.Value("string"),
+    "hash": datasets.Value("int64"), "reason": datasets.Value("string"), "detail": datasets.Value("string"),
+    "kind": datasets.Value("string"), "num_tokens": datasets.Value("int32"),
+    "num_loss_tokens": datasets.Value("int32"), "last_loss_id": datasets.Value("int64"),
+    "row": datasets.Value("int64"), "part": datasets.Value("int32"), "own": datasets.Value("int8"),
+    "stop_ids": datasets.Sequence(datasets.Value("int64")),
+    **{name: datasets.Value("int32") for name in STAT_COLUMNS},
+})
+TOKEN_COLUMNS = ("input_ids", "labels")
 
 
-def _last_token_in(offsets, span: tuple[int, int], limit: int) -> int | None:
-    """Index of the last token overlapping a character span (None when truncated away)."""
-    lo, hi = span
-    for t in range(min(len(offsets), limit) - 1, -1, -1):
-        start, end = offsets[t]
-        if start < hi and (end > lo or start == end >= lo):
-            return t
-    return None
+@dataclass
+class Labelled:
+    """The labels of a batch's tokens (aligned with Tokens.ids) and, per example, the number of tokens
+    it keeps (after max_seq_len), how many carry loss, its stop token ids (the last trained token
+    first) and why it cannot be trained (None when it can)."""
+
+    labels: np.ndarray
+    lengths: np.ndarray
+    num_loss: np.ndarray
+    errors: list[RowError | None]
+    stops: list[list[int]]
+
+
+def _as_table(columns: dict[str, list], ids: np.ndarray, labels: np.ndarray, firsts: np.ndarray,
+              lengths: np.ndarray) -> pa.Table:
+    """Output rows as an Arrow table; row r's tokens are ids[firsts[r]:firsts[r] + lengths[r]]."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum(lengths)
+    take = ragged_arange(firsts, lengths)
+    schema = OUTPUT_FEATURES.arrow_schema
+    arrays = {"input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids[take])),
+              "labels": pa.ListArray.from_arrays(offsets, pa.array(labels[take]))}
+    arrays |= {name: pa.array(values, type=schema.field(name).type) for name, values in columns.items()}
+    return pa.Table.from_arrays([arrays[name] for name in schema.names], schema=schema)
+
+
+def _overlaps(starts: np.ndarray, ends: np.ndarray, lo, hi) -> np.ndarray:
+    """Whether tokens [starts, ends) overlap the character span [lo, hi)."""
+    # Zero-width tokens (some special tokens) count as the point where they sit.
+    return ((starts < hi) & (ends > lo)) | ((starts == ends) & (starts >= lo) & (starts < hi))
+
+
+def in_spans(starts: np.ndarray, ends: np.ndarray, example: np.ndarray, spans: list[list[tuple[int, int]]]
+             ) -> np.ndarray:
+    """Whether each token overlaps one of its example's spans (`example[t]` indexes `spans`).
+
+    >>> in_spans(np.array([0, 2, 0, 3]), np.array([2, 4, 3, 5]), np.array([0, 0, 1, 1]), [[(2, 4)], []]).tolist()
+    [False, True, False, False]
+    """
+    inside = np.zeros(len(starts), dtype=bool)
+    for rank in range(max(map(len, spans), default=0)):  # the first span of every example, then the second, ...
+        # An example with fewer spans gets the empty span (0, 0), which no token overlaps.
+        lo, hi = np.array([s[rank] if rank < len(s) else (0, 0) for s in spans], dtype=np.int64).reshape(-1, 2).T
+        inside |= _overlaps(starts, ends, lo[example], hi[example])
+    return inside
 
 
 def loss_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
@@ -249,9 +316,5 @@ def loss_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tupl
     [-100, 6, 7]
     """
     offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    starts, ends = offs[:, 0], offs[:, 1]
-    keep = np.zeros(len(ids), dtype=bool)
-    for lo, hi in spans:
-        # Zero-width tokens (some special tokens) count as the point where they sit.
-        keep |= ((starts < hi) & (ends > lo)) | ((starts == ends) & (starts >= lo) & (starts < hi))
-    return np.where(keep, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+    inside = in_spans(offs[:, 0], offs[:, 1], np.zeros(len(ids), dtype=np.int64), [spans])
+    return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()

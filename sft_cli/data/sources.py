@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 
 from sft_cli.config import SourceConfig
 from sft_cli.data.formats import RowError, detect_format
@@ -129,15 +130,6 @@ def _root_message(exc: BaseException) -> str:
         exc = inner
     text = str(exc).splitlines()[0][:200] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _our_error(exc: BaseException) -> SFTError | None:
-    """Our own error raised inside a datasets builder, which wraps it (DatasetGenerationError)."""
-    for _ in range(20):
-        if exc is None or isinstance(exc, SFTError):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 # ---- what a path names: files and their types, a save_to_disk folder, or a hub dataset -----------
@@ -357,26 +349,33 @@ def _generate(kind: str, paths: list[str], name: str, columns: dict[str, str], h
         yield from _json_rows(paths, name, columns, hub_split, index)
 
 
+def _chunks(rows: Iterator[dict], max_rows: int = 10_000, max_bytes: int = 64 << 20) -> Iterator[list[dict]]:
+    """Rows in lists of at most `max_rows` rows or about `max_bytes` of raw text (rows may be 32 MiB)."""
+    chunk, size = [], 0
+    for row in rows:
+        chunk.append(row)
+        size += len(row["raw"] or "")
+        if len(chunk) >= max_rows or size >= max_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
 def _generated(kind: str, paths: list[Path], name: str, src: SourceConfig, index: int,
                workdir: Path) -> datasets.Dataset | None:
-    """JSON lines or JSON files as raw rows; None when they hold no rows at all."""
-    gen_kwargs = {"kind": kind, "paths": [str(p) for p in paths], "name": name, "columns": dict(src.columns),
-                  "hub_split": src.hub_split, "index": index}
-    try:
-        # A fresh cache_dir per run: from_generator's own cache keys on arguments, not file contents.
-        return datasets.Dataset.from_generator(_generate, gen_kwargs=gen_kwargs, features=FEATURES,
-                                               cache_dir=str(workdir / "generator"), keep_in_memory=False)
-    except Exception as exc:
-        ours = _our_error(exc)
-        if ours is not None:
-            raise ours from None
-        rows = _generate(**gen_kwargs)
-        try:
-            if next(rows, None) is None:
-                return None  # datasets refuses a generator that yields nothing
-        finally:
-            rows.close()
-        raise
+    """JSON lines or JSON files as raw rows, written to an Arrow file chunk by chunk (one Arrow
+    conversion per chunk, not per row); None when they hold no rows at all."""
+    from datasets.arrow_writer import ArrowWriter
+
+    rows = _generate(kind, [str(p) for p in paths], name, dict(src.columns), src.hub_split, index)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"raw-{index}-{kind}.arrow"
+    with ArrowWriter(features=FEATURES, path=str(path)) as writer:
+        for chunk in _chunks(rows):
+            writer.write_table(pa.Table.from_pylist(chunk, schema=FEATURES.arrow_schema))
+        count, _ = writer.finalize()
+    return datasets.Dataset.from_file(str(path)) if count else None
 
 
 # ---- tables: parquet, csv, save_to_disk folders, the hub -------------------------------------------
