@@ -86,12 +86,10 @@ def run(cfg: SFTConfig) -> int:
                                cfg.model.trust_remote_code, cfg.model.revision)
     fp = prepare_fingerprint(cfg, tokenizer)
     write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
-    if is_complete(out, fp):
-        ui.err.print(f"[green]prepared/ is up to date[/] (fingerprint {fp}): reusing {out}")
-        report = json.loads((out / "report.json").read_text())
+    if is_complete(out, fp):  # reused (pack and train run prepare first): one line, not the tables again
+        ui.print_prepared_reused(json.loads((out / "report.json").read_text()), out, fp)
     else:
-        report = build(cfg, tokenizer, fp, out)
-    ui.print_prepare_report(report, out)
+        ui.print_prepare_report(build(cfg, tokenizer, fp, out), out)
     if cfg.show:
         ui.show_examples(datasets.load_from_disk(str(out))["train"], load_prepared_tokenizer(out), cfg.show)
     return 0

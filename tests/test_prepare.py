@@ -84,6 +84,7 @@ def test_cache_hit_and_miss(tmp_path, write_jsonl, sft):
     first = json.loads((tmp_path / "run/prepared/manifest.json").read_text())
     again = sft(*args)
     assert again.returncode == 0 and "up to date" in again.stderr
+    assert "sft prepare ->" not in again.stdout  # one line, not the tables again
     assert json.loads((tmp_path / "run/prepared/manifest.json").read_text()) == first
     write_jsonl(data, [chat(i) for i in range(21)])  # content changed: rebuild
     changed = sft(*args)
