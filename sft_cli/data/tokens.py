@@ -146,10 +146,12 @@ class Encoder:
     """`tokenizer(texts, add_special_tokens=False)` for whole batches (see module docstring)."""
 
     def __init__(self, tokenizer):
-        # That call turns off any truncation or padding a tokenizer.json sets: so does this copy.
+        # That call turns off any truncation or padding a tokenizer.json sets, and reads control tokens
+        # as text only when the tokenizer says so (split_special_tokens): so does this copy.
         self.backend = copy.deepcopy(tokenizer.backend_tokenizer)
         self.backend.no_truncation()
         self.backend.no_padding()
+        self.backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
         self.cut = control_token_cut(self.backend)
 
     def encode(self, texts: list[str]) -> Tokens:

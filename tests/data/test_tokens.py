@@ -94,6 +94,14 @@ def test_tokens_that_take_their_whitespace_are_tokenized_whole(tiny_tokenizer):
     assert as_lists(encoder.encode(texts)) == hf_reference(tok, texts)
 
 
+def test_a_tokenizer_that_reads_control_tokens_as_text_is_tokenized_whole(tiny_tokenizer):
+    tok = tiny_tokenizer("chatml")
+    tok = tok.__class__.from_pretrained(tok.name_or_path, split_special_tokens=True)
+    encoder = Encoder(tok)
+    assert encoder.cut is None and as_lists(encoder.encode(TEXTS)) == hf_reference(tok, TEXTS)
+    assert hf_reference(tok, TEXTS[:1]) != as_lists(Encoder(tiny_tokenizer("chatml")).encode(TEXTS[:1]))
+
+
 def test_pieces_are_independent_reads_sequences():
     byte_level = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False}
     first = {"type": "Metaspace", "prepend_scheme": "first"}
