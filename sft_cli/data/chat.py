@@ -1,7 +1,8 @@
 """Conversations -> training examples whose trained text is exactly what the model generates.
 
 Any Hugging Face chat template, read through its own renderer (`render_jinja_template`, the
-code behind `apply_chat_template`), with tool calls, tool results, tool schemas and reasoning.
+code behind `apply_chat_template`; a row's renders share its compiled template and one template-safe
+copy of the row, see `row_renderer`), with tool calls, tool results, tool schemas and reasoning.
 For each trained assistant turn i:
 
     prompt_i = template(messages[:i], add_generation_prompt=True)   # what inference feeds the model
