@@ -307,15 +307,13 @@ def print_train_summary(lines: list[dict], run_dir: Path) -> None:
 def print_eval_report(report: dict, generations: list[dict], folder: Path) -> None:
     """Base vs tuned side by side, per-source losses, and a few sample replies."""
     from sft_cli.plot import COMPARED
+    from sft_cli.plot import metric_value as value
 
     models = report["models"]
     table = Table(title=f"sft evaluate -> {folder}  ({report['target']})", title_justify="left")
     table.add_column("metric")
     for name in models:
         table.add_column(name, justify="right")
-
-    def value(model: dict, key: str):
-        return model.get(key, model.get("generation", {}).get(key))
 
     for key, label, _ in COMPARED:
         table.add_row(label, *[f"{value(m, key):.4f}" if value(m, key) is not None else "" for m in models.values()])
