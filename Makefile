@@ -58,6 +58,11 @@ bench-pack: install
 bench-train: install
 	$(PY) -m bench.train
 
+# sft generate's tokens/s on CPU with the demo model: batched vs one prompt at a time (~5 min on 2 cores).
+.PHONY: bench-generate
+bench-generate: install
+	$(PY) -m bench.generate
+
 # 1M generated conversations through sft prepare + sft pack, each under 4 GiB peak RSS (~20 min on 2 cores).
 .PHONY: bench-scale
 bench-scale: install
@@ -71,7 +76,7 @@ gpu-check: install
 	$(PY) tools/gpu_check.py
 
 # Every benchmark against TRL; each writes its own section of BENCHMARKS.md.
-bench: bench-prepare bench-pack bench-train
+bench: bench-prepare bench-pack bench-train bench-generate
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache

@@ -47,6 +47,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("sft_cli.train", "LoRA or full fine-tuning: packing, loss masking, NEFTune, exact resume"),
     "evaluate": ("sft_cli.evaluate", "loss/perplexity, generations, forgetting and diversity checks"),
     "merge-lora": ("sft_cli.merge", "fold the LoRA adapter into the base and save a plain HF model"),
+    "generate": ("sft_cli.generate", "best-of-N sampling, verified (answer match, unit tests, reward) -> new SFT data"),
 }
 
 err_console = Console(stderr=True)
@@ -252,13 +253,22 @@ def _protect_paths(args: list[str]) -> list[str]:
 def _saved_run_as_recipe(verb: str, overrides: list[str]) -> list[str]:
     """`sft evaluate run_dir=DIR` / `sft merge-lora run_dir=DIR`: with no recipe given, the run's
     saved config.yaml is the recipe, so no other flag is needed."""
-    if verb not in ("evaluate", "merge-lora") or any(arg.startswith("recipe=") for arg in overrides):
+    if verb not in ("evaluate", "merge-lora", "generate") or any(arg.startswith("recipe=") for arg in overrides):
         return overrides
     run_dirs = [arg.split("=", 1)[1] for arg in overrides if arg.startswith("run_dir=")]
     run_dir = _unquoted(run_dirs[-1]) if run_dirs else ""
     if run_dir and (Path(run_dir) / "config.yaml").is_file():
         return [f"recipe={Path(run_dir) / 'config.yaml'}", *overrides]
     return overrides
+
+
+def _model_from_gen(verb: str, overrides: list[str]) -> list[str]:
+    """`sft generate gen.model=Qwen/Qwen3-8B gen.prompts=...` with no recipe and no model.name_or_path:
+    the model that samples is the model (its tokenizer, dtype and attention settings come from there)."""
+    if verb != "generate" or any(arg.startswith(("recipe=", "model.name_or_path=")) for arg in overrides):
+        return overrides
+    given = [arg.split("=", 1)[1] for arg in overrides if arg.startswith("gen.model=")]
+    return [f"model.name_or_path={given[-1]}", *overrides] if given else overrides
 
 
 def _schema_keys() -> list[str]:
@@ -586,7 +596,7 @@ def main(argv: list[str] | None = None) -> None:
     saved_argv = sys.argv
     try:
         try:
-            overrides = _saved_run_as_recipe(verb, overrides)
+            overrides = _model_from_gen(verb, _saved_run_as_recipe(verb, overrides))
             _check_override_keys(overrides)
             hydra_args = _protect_paths(_stage_recipes(overrides, workdir))
             _check_override_syntax(hydra_args)

@@ -32,6 +32,10 @@ SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule (schedule.py)
 PEFT_METHODS = ("lora", "none")
 RESUME_MODES = ("auto", "never")
 PARALLEL_STRATEGIES = ("auto", "ddp", "fsdp")
+GEN_ENGINES = ("auto", "transformers", "vllm")  # gen.engine (sampling.py)
+GEN_SCORERS = ("match", "tests", "reward", "none")  # gen.scorer (verify.py)
+GEN_EXTRACTORS = ("letter", "number", "boxed", "regex", "exact")  # gen.extract (verify.EXTRACTORS)
+GEN_SELECTIONS = ("best", "all_passing", "top_k")  # gen.select (selection.py)
 # trainer.report_to: experiment trackers (trackers.py), each with the package it needs installed.
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # merge.max_shard_size: a number and a unit, as huggingface_hub parses it (500MB, 2GB).
@@ -285,6 +289,80 @@ class MergeConfig:
 
 
 @dataclass
+class GenSourceConfig(SourceConfig):
+    """A prompt source for `sft generate`: any data source (same formats as prepare) plus how its replies are scored."""
+    scorer: str | None = None
+    """match | tests | reward | none; null = gen.scorer."""
+    extract: str | None = None
+    """How `match` finds the final answer (letter, number, boxed, regex, exact); null = gen.extract."""
+    pattern: str | None = None
+    """Regex for extract=regex (group 1, else the whole match); null = gen.pattern."""
+    limit: int | None = None
+    """Use only this source's first N prompts; null = all."""
+
+
+@dataclass
+class GenConfig:
+    model: str | None = None
+    """What samples: null = this run (run_dir/merged, else run_dir/final, else model.name_or_path); a run_dir
+    (its merged/ or final/, with the run's own chat template); a run's final/ merged/ or checkpoint; any HF
+    model folder or hub id (with model.chat_template / its own template)."""
+    prompts: str | None = None
+    """One prompt file (messages ending on a user turn, or prompt/answer rows); replaces gen.sources when set."""
+    sources: list[GenSourceConfig] = field(default_factory=list)
+    """Several prompt sources, each with its own scorer (see recipes/rejection-sampling.yaml)."""
+    n: int = 8
+    """Samples per prompt."""
+    temperature: float = 0.8
+    """0 = greedy (then n must be 1)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1 = off)."""
+    top_k: int = 0
+    """Sample from the k likeliest tokens only (0 = off)."""
+    max_new_tokens: int = 512
+    """Length limit; a reply that hits it is `truncated` and not kept unless gen.keep_truncated."""
+    seed: int | None = None
+    """Sampling seed; null = the run's seed. Each sample has its own stream (seed, prompt, sample), so results do
+    not depend on batch size, batch order or on resuming."""
+    engine: str = "auto"
+    """transformers (batched model.generate, CPU or GPU) | vllm | auto (vllm when installed and a GPU is present)."""
+    batch_size: int = 32
+    """Sequences per transformers generate call (prompts x samples)."""
+    scorer: str = "none"
+    """match: final answer vs the row's reference; tests: the row's unit tests in a sandboxed subprocess;
+    reward: gen.reward_model's score; none: keep every sample (plain distillation)."""
+    extract: str = "letter"
+    """match: letter (multiple choice) | number (last number) | boxed (\\boxed{}) | regex (gen.pattern) | exact."""
+    pattern: str | None = None
+    """match with extract=regex: the answer's regex."""
+    answer_field: str = "answer"
+    """A row column holding the bare reference answer; rows without it use their reference reply."""
+    reward_model: str | None = None
+    """scorer=reward: a sequence-classification model folder or hub id."""
+    reward_batch_size: int = 8
+    test_timeout_s: float = 10.0
+    """scorer=tests: wall-clock limit per sample's test run."""
+    test_memory_mb: int = 1024
+    """scorer=tests: address-space limit per test run."""
+    test_workers: int | None = None
+    """scorer=tests: test runs at a time; null = CPU count."""
+    select: str = "best"
+    """best: one reply per prompt | all_passing | top_k (gen.select_k replies per prompt)."""
+    select_k: int = 2
+    """Replies kept per prompt by select=top_k."""
+    min_score: float | None = None
+    """Keep only replies scoring at least this (reward scorer); match/tests keep only passing replies."""
+    dedupe: float | None = 0.9
+    """Drop a reply whose word-trigram Jaccard similarity to a kept reply of the same prompt is >= this; null = off."""
+    keep_truncated: bool = False
+    """Also keep replies cut at max_new_tokens (they teach the model not to stop)."""
+    num_prompts: int | None = None
+    """Use only the first N prompts over all sources; null = all."""
+    overwrite: bool = False
+    """Start over when run_dir/generated holds samples of a different config (default: refuse)."""
+
+
+@dataclass
 class SFTConfig:
     run_dir: str = "runs/default"
     """Every artifact of a run lives here: prepared/ packed/ checkpoints/ final/ eval/ merged/."""
@@ -302,10 +380,11 @@ class SFTConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
 
 
 # run_dir sub-folders: the public layout of a run (see README).
-RUN_SUBDIRS = ("prepared", "packed", "checkpoints", "final", "eval", "merged")
+RUN_SUBDIRS = ("prepared", "packed", "checkpoints", "final", "eval", "merged", "generated")
 
 
 def to_yaml(cfg: SFTConfig) -> str:
@@ -362,6 +441,7 @@ def validate(cfg: SFTConfig) -> None:
     _validate_trainer(cfg.trainer)
     _validate_eval(cfg.eval)
     _validate_merge(cfg.merge)
+    _validate_gen(cfg.gen)
 
 
 def _fail(key: str, value: Any, problem: str, fix: str) -> None:
@@ -560,3 +640,63 @@ def _validate_eval(ev: EvalConfig) -> None:
 def _validate_merge(merge: MergeConfig) -> None:
     if not SHARD_SIZE.match(str(merge.max_shard_size)):
         _fail("merge.max_shard_size", merge.max_shard_size, "is not a size", "use a number and a unit: 500MB, 2GB, 1TB")
+
+
+def _validate_gen(gen: GenConfig) -> None:
+    _text("gen.model", gen.model, optional=True)
+    _text("gen.prompts", gen.prompts, optional=True)
+    for i, src in enumerate(gen.sources):
+        key = f"gen.sources[{i}]"
+        _validate_source(key, src)
+        if src.scorer is not None:
+            _choice(f"{key}.scorer", src.scorer, GEN_SCORERS)
+        if src.extract is not None:
+            _choice(f"{key}.extract", src.extract, GEN_EXTRACTORS)
+        if src.limit is not None:
+            _int_at_least(f"{key}.limit", src.limit, 1)
+        _regex(f"{key}.pattern", src.pattern)
+    _int_at_least("gen.n", gen.n, 1, fix="use e.g. gen.n=8")
+    _number("gen.temperature", gen.temperature, 0, fix="use e.g. 0.8, or 0 for greedy")
+    if gen.temperature == 0 and gen.n > 1:
+        _fail("gen.n", gen.n, "greedy decoding (gen.temperature=0) gives one reply per prompt", "set gen.n=1, "
+              "or a temperature > 0")
+    _number("gen.top_p", gen.top_p, 0, 1, low_open=True, fix="use e.g. 0.95 (1 = off)")
+    _int_at_least("gen.top_k", gen.top_k, 0, fix="0 = off")
+    _int_at_least("gen.max_new_tokens", gen.max_new_tokens, 1)
+    if gen.seed is not None:
+        _int_at_least("gen.seed", gen.seed, 0, high=MAX_SEED)
+    _choice("gen.engine", gen.engine, GEN_ENGINES)
+    _int_at_least("gen.batch_size", gen.batch_size, 1)
+    _choice("gen.scorer", gen.scorer, GEN_SCORERS)
+    _choice("gen.extract", gen.extract, GEN_EXTRACTORS)
+    _regex("gen.pattern", gen.pattern)
+    _text("gen.answer_field", gen.answer_field)
+    _text("gen.reward_model", gen.reward_model, optional=True)
+    _int_at_least("gen.reward_batch_size", gen.reward_batch_size, 1)
+    _number("gen.test_timeout_s", gen.test_timeout_s, 0, low_open=True)
+    _int_at_least("gen.test_memory_mb", gen.test_memory_mb, 64)
+    if gen.test_workers is not None:
+        _int_at_least("gen.test_workers", gen.test_workers, 1)
+    _choice("gen.select", gen.select, GEN_SELECTIONS)
+    _int_at_least("gen.select_k", gen.select_k, 1)
+    if gen.dedupe is not None:
+        _number("gen.dedupe", gen.dedupe, 0, 1, low_open=True, fix="use e.g. 0.9 (1 = exact duplicates), or null")
+    if gen.num_prompts is not None:
+        _int_at_least("gen.num_prompts", gen.num_prompts, 1)
+    scorers = {src.scorer or gen.scorer for src in gen.sources} if gen.sources and not gen.prompts else {gen.scorer}
+    if "reward" in scorers and not gen.reward_model:
+        _fail("gen.reward_model", None, "scorer=reward needs a reward model", "set gen.reward_model=PATH_OR_HUB_ID")
+    extracts = {(src.extract or gen.extract, src.pattern or gen.pattern) for src in gen.sources} \
+        if gen.sources and not gen.prompts else {(gen.extract, gen.pattern)}
+    if "match" in scorers and any(how == "regex" and not pattern for how, pattern in extracts):
+        _fail("gen.pattern", None, "extract=regex needs a pattern", "set gen.pattern='answer: (\\w+)'")
+
+
+def _regex(key: str, value: Any) -> None:
+    if value is None:
+        return
+    _text(key, value)
+    try:
+        re.compile(value)
+    except re.error as exc:
+        _fail(key, value, f"is not a valid regular expression ({exc})", "fix the pattern (Python re syntax)")

@@ -247,10 +247,8 @@ def print_train_start(info: dict, plan, total_steps: int, cfg, packed: dict) -> 
     out.print(table)
 
 
-def train_progress(total_steps: int, start_step: int, world):
-    """Context manager yielding `update(step, record)`: a live bar with loss, lr and tokens/s (rank 0)."""
-    import contextlib
-
+def counted_bar(unit: str):
+    """A rich Progress: `unit N/M`, bar, a free `stats` field, elapsed and eta (on stderr)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -260,14 +258,20 @@ def train_progress(total_steps: int, start_step: int, world):
         TimeRemainingColumn,
     )
 
+    return Progress(TextColumn(unit), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[stats]}"),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err)
+
+
+def train_progress(total_steps: int, start_step: int, world):
+    """Context manager yielding `update(step, record)`: a live bar with loss, lr and tokens/s (rank 0)."""
+    import contextlib
+
     @contextlib.contextmanager
     def manager():
         if not world.is_main:
             yield lambda step, record: None
             return
-        progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"),
-                            TimeRemainingColumn(), console=err)
+        progress = counted_bar("step")
         task = progress.add_task("train", total=total_steps, completed=start_step, stats="")
 
         def update(step: int, record: dict) -> None:
@@ -328,6 +332,34 @@ def print_eval_report(report: dict, generations: list[dict], folder: Path) -> No
                   f"{escape(row['reply'][:300])}{'' if row['stopped'] else ' [yellow](hit max_new_tokens)[/]'}")
     out.print(f"report: {folder / 'report.json'}  generations: {folder / 'generations.jsonl'}  "
               f"picture: {folder / 'comparison.png'}")
+
+
+def print_generation_report(report: dict, folder: Path) -> None:
+    """sft generate: per-source pass rates, what was kept, lengths and diversity, then where the files are."""
+    n = report["n"]
+    table = Table(title=f"sft generate -> {folder}  ({report['model']}, {report['engine']})", title_justify="left")
+    for column in ("source (scorer)", "prompts", "pass@1", f"pass@{n}", "kept", "tokens all/kept", "distinct-2 all/kept",
+                   "cut"):
+        table.add_column(column, justify="left" if column.startswith("source") else "right")
+
+    def rate(value) -> str:
+        return f"{value:.1%}" if value is not None else "n/a"
+
+    rows = list(report["by_source"].items()) + ([("all", report["overall"])] if len(report["by_source"]) > 1 else [])
+    for name, s in rows:
+        table.add_row(f"{escape(name)} ({s['scorer']})", f"{s['prompts']:,}", rate(s["pass@1"]), rate(s[f"pass@{n}"]),
+                      f"{s['kept']:,} ({rate(s['acceptance'])})", f"{s['mean_tokens']:.0f}/{s['mean_tokens_kept']:.0f}",
+                      f"{s['distinct_2']:.3f}/{s['distinct_2_kept']:.3f}", rate(s["truncated"]))
+    out.print(table)
+    why = ", ".join(f"{k} {v:,}" for k, v in report["overall"]["why"].items())
+    speed = f"{report['tokens_per_s']:,.1f} tokens/s" if report["tokens_per_s"] else "no new tokens"
+    out.print(f"{report['samples']:,} samples ({n} per prompt): {why}. {report['new_tokens']:,} tokens in "
+              f"{report['generation_s']:,.1f} s ({speed}); cut = hit gen.max_new_tokens"
+              + (f"; {report['rejected_rows']:,} prompt rows not usable (rejected.jsonl)" if report["rejected_rows"] else ""))
+    if report.get("warning"):
+        out.print(f"[yellow]warning:[/] {report['warning']}")
+    out.print(f"training data: {folder / 'data.jsonl'}  every sample: {folder / 'all.jsonl'}  "
+              f"report: {folder / 'report.json'}  picture: {folder / 'generation.png'}")
 
 
 def print_sweep_summary(rows: list[dict], root: Path) -> None:

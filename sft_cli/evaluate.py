@@ -31,11 +31,13 @@ import torch
 from sft_cli import console as ui
 from sft_cli import distributed
 from sft_cli.config import Format, SFTConfig, run_config
+from sft_cli.data.chat import OPENER
 from sft_cli.data.collate import VARLEN_BACKENDS, Collator
 from sft_cli.data.packing import IGNORE_INDEX, position_ids
-from sft_cli.errors import ConfigError, SFTError, load_error
-from sft_cli.model import SFTModel, pick_attention, pick_dtype, unwrap
+from sft_cli.errors import ConfigError, SFTError
+from sft_cli.model import SFTModel, load_for_inference, pick_dtype, unwrap
 from sft_cli.run_dir import atomic_dir, is_complete, write_json_atomic, write_manifest
+from sft_cli.sampling import stop_token_ids
 from sft_cli.scoring import Scores, score
 
 
@@ -55,7 +57,7 @@ def run(cfg: SFTConfig) -> int:
     examples = eval_examples(cfg)
     prompts = eval_prompts(cfg, tokenizer, examples)
     general = general_text_ids(cfg, tokenizer)
-    stop_ids = stop_token_ids(run_dir, tokenizer)
+    stop_ids = stop_token_ids(tokenizer, run_dir / "prepared")
 
     where = distributed.device()
     report = {"target": str(target), "base": cfg.model.name_or_path, "device": str(where),
@@ -63,7 +65,7 @@ def run(cfg: SFTConfig) -> int:
     generations = []
     models = [("tuned", target)] + ([("base", None)] if cfg.eval.compare_base else [])
     for name, path in models:
-        model = load_for_eval(cfg, tokenizer, path)
+        model = load_for_inference(cfg.model, tokenizer, path)
         ui.err.print(f"evaluating {name}: {path or cfg.model.name_or_path}")
         result = split_metrics(model, examples, cfg.eval.micro_batch_size, max_seq_len=cfg.max_seq_len)
         result["forgetting_ppl"] = split_metrics(model, general, cfg.eval.micro_batch_size,
@@ -134,8 +136,9 @@ def eval_prompts(cfg: SFTConfig, tokenizer, examples: datasets.Dataset) -> list[
             messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
             if messages[-1]["role"] == "assistant":
                 messages = messages[:-1]
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
+            # return_dict: transformers 5 returns a BatchEncoding (not a dict, and not a list of ids) otherwise.
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
             prompts.append({"prompt_ids": list(ids), "reference": None})
     else:
         for row in examples.select_columns(["input_ids", "labels"]):
@@ -182,41 +185,7 @@ def _all_trained(ids: list[int]) -> dict:
     return {"input_ids": list(ids), "labels": [IGNORE_INDEX] + list(ids[1:])}
 
 
-def stop_token_ids(run_dir: Path, tokenizer) -> list[int]:
-    report = json.loads((run_dir / "prepared" / "report.json").read_text())
-    return sorted(set(report.get("eot_token_ids", [])) | ({tokenizer.eos_token_id} - {None}))
-
-
 # -- model ---------------------------------------------------------------------------------------
-
-def load_for_eval(cfg: SFTConfig, tokenizer, path: Path | None):
-    """The base (path None), a full model folder, or an adapter folder on top of the base, on the
-    run's device in its compute dtype (no training here, so no float32 master weights). An adapter's
-    own weights stay float32 as peft keeps them in training, so the tuned model computes as it did there."""
-    from transformers import AutoModelForCausalLM
-
-    from sft_cli.assets import resolve_model
-
-    dtype = pick_dtype(cfg.model.dtype)
-    kwargs = {"dtype": dtype, "attn_implementation": pick_attention(cfg.model.attn_implementation, training=False,
-                                                                     dtype=dtype),
-              "trust_remote_code": cfg.model.trust_remote_code}
-    is_adapter = path is not None and (Path(path) / "adapter_config.json").is_file()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model(cfg.model.name_or_path) if path is None or is_adapter else str(path), **kwargs)
-        model.to(distributed.device())
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-        if is_adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(path))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise load_error(str(path or cfg.model.name_or_path), exc) from None
-    model.config.use_cache = False
-    return model.eval()
-
 
 # -- loss ----------------------------------------------------------------------------------------
 
@@ -281,34 +250,28 @@ def _position_sources(batch: dict, codes: list[int]) -> np.ndarray:
 
 # -- generation ----------------------------------------------------------------------------------
 
-@torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[dict], cfg: SFTConfig, stop_ids: list[int],
                      batch_size: int = 8) -> list[dict]:
-    """Greedy and sampled replies, batched with left padding; generation stops at any stop id."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    device = next(model.parameters()).device
+    """Greedy and sampled replies (sampling.TransformersEngine, as `sft generate` samples them: the same
+    prompts with gen.n=1 gen.temperature=0 give these greedy replies); generation stops at any stop id."""
+    from sft_cli.sampling import Prompt, SamplingParams, TransformersEngine, decode_reply
+
+    engine = TransformersEngine(model, tokenizer.pad_token_id, stop_ids)
+    opened = [bool(OPENER.search(p["prompt"])) for p in prompts]
     out = []
-    for mode in ("greedy", "sampled"):
-        torch.manual_seed(cfg.seed)  # sampled replies are reproducible
-        for lo in range(0, len(prompts), batch_size):
-            group = prompts[lo:lo + batch_size]
-            longest = max(len(p["prompt_ids"]) for p in group)
-            ids = torch.full((len(group), longest), pad, dtype=torch.long)
-            mask = torch.zeros((len(group), longest), dtype=torch.long)
-            for i, p in enumerate(group):
-                ids[i, longest - len(p["prompt_ids"]):] = torch.tensor(p["prompt_ids"])
-                mask[i, longest - len(p["prompt_ids"]):] = 1
-            sampling = {"do_sample": True, "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p} \
-                if mode == "sampled" else {"do_sample": False}
-            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                       max_new_tokens=cfg.eval.max_new_tokens, eos_token_id=stop_ids,
-                                       pad_token_id=pad, use_cache=True, **sampling)[:, longest:].tolist()
-            for p, new in zip(group, generated):
-                stop_at = next((i for i, t in enumerate(new) if t in stop_ids), None)
-                reply = new[:stop_at] if stop_at is not None else new
-                out.append({"mode": mode, "prompt": p["prompt"], "reference": p["reference"],
-                            "reply": tokenizer.decode(reply, skip_special_tokens=True), "reply_ids": reply,
-                            "stopped": stop_at is not None, "new_tokens": len(reply)})
+    for mode, temperature in (("greedy", 0.0), ("sampled", cfg.eval.temperature)):
+        params = SamplingParams(n=1, temperature=temperature, top_p=cfg.eval.top_p,
+                                max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed, batch_size=batch_size)
+        # Each prompt's sampled reply has its own seeded stream: reproducible, whatever the batching.
+        for i, (completion,) in engine.generate([Prompt(p["prompt_ids"], key=i) for i, p in enumerate(prompts)],
+                                                params):
+            p, reply = prompts[i], decode_reply(tokenizer, completion.token_ids, opened[i])
+            row = {"mode": mode, "prompt": p["prompt"], "reference": p["reference"], "reply": reply.content,
+                   "reply_ids": completion.token_ids, "stopped": completion.stopped,
+                   "new_tokens": len(completion.token_ids)}
+            if reply.reasoning is not None:
+                row["reasoning"] = reply.reasoning
+            out.append(row)
     return out
 
 

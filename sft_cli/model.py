@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sft_cli.config import SFTConfig
+from sft_cli.config import ModelConfig, SFTConfig
 from sft_cli.errors import ConfigError, load_error
 from sft_cli.precision import pick_dtype
 
@@ -179,3 +179,36 @@ def apply_peft(cfg: SFTConfig, model, added_tokens: bool):
         use_dora=cfg.peft.use_dora, use_rslora=cfg.peft.use_rslora,
         modules_to_save=modules_to_save, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def load_for_inference(model_cfg: ModelConfig, tokenizer, path=None):
+    """For evaluation and generation: the base (path None), a full model folder, or an adapter folder on
+    top of the base, on the run's device in its compute dtype (no training here, so no float32 master
+    weights). An adapter's own weights stay float32 as peft keeps them in training, so the tuned model
+    computes as it did there."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from sft_cli import distributed
+    from sft_cli.assets import resolve_model
+
+    dtype = pick_dtype(model_cfg.dtype)
+    kwargs = {"dtype": dtype, "attn_implementation": pick_attention(model_cfg.attn_implementation, training=False,
+                                                                     dtype=dtype),
+              "trust_remote_code": model_cfg.trust_remote_code}
+    is_adapter = path is not None and (Path(path) / "adapter_config.json").is_file()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model(model_cfg.name_or_path) if path is None or is_adapter else str(path), **kwargs)
+        model.to(distributed.device())
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        if is_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(path))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise load_error(str(path or model_cfg.name_or_path), exc) from None
+    model.config.use_cache = False
+    return model.eval()

@@ -4,6 +4,7 @@ SVG beside it (crisp in browsers and docs), written atomically:
     loss_curve(lines, run_dir / "loss_curve.png", title)      # train loss, its EMA, eval loss, lr
     comparison(report, run_dir / "eval" / "comparison.png")   # sft evaluate: base vs tuned per metric
     sweep_curves(points, root / "sweep_losses.png")           # every sweep point, and eval loss per value
+    generation(report, run_dir / "generated" / "generation.png")  # sft generate: pass rates, diversity
 
 Each returns its Figure, so tests read what was drawn (labels, ticks, legend, data) rather than pixels.
 """
@@ -126,6 +127,40 @@ def comparison(report: dict, path: Path) -> Figure:
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[n]) for n in models]
     fig.legend(handles, [f"{n} model" for n in models], loc="outside lower center", ncols=len(models))
     fig.suptitle(f"sft evaluate: base vs tuned ({report.get('target', '')})", fontsize=11)
+    save(fig, path)
+    return fig
+
+
+def generation(report: dict, path: Path) -> Figure:
+    """sft generate's report -> left: pass@1, pass@N and acceptance per source (what the scorer let
+    through); right: distinct-1/2 of all samples vs the kept ones (does selection narrow the data?)."""
+    sources = list(report["by_source"])
+    n = report["n"]
+    fig, (rates, diversity) = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+    metrics = [("pass@1", "pass@1", "#9ecae1"), (f"pass@{n}", f"pass@{n}", "#1f77b4"),
+               ("acceptance", "kept / samples", "#ff7f0e")]
+    width = 0.8 / len(metrics)
+    for i, (key, label, color) in enumerate(metrics):
+        values = [report["by_source"][s][key] for s in sources]
+        shown = [v if v is not None else 0.0 for v in values]
+        bars = rates.bar([j + i * width for j in range(len(sources))], shown, width, color=color, label=label)
+        rates.bar_label(bars, labels=[f"{v:.2f}" if v is not None else "n/a" for v in values], padding=2, fontsize=8)
+    rates.set_xticks([j + width for j in range(len(sources))], sources, fontsize=9)
+    rates.set_ylim(0, 1.15)
+    rates.set_ylabel("fraction")
+    rates.set_title("verified replies per source (higher is better)", fontsize=10)
+    rates.legend(fontsize=8, loc="upper right")
+    groups = [("distinct_1", "distinct-1"), ("distinct_2", "distinct-2")]
+    for i, (which, color, suffix) in enumerate((("all samples", BASE, ""), ("kept", TUNED, "_kept"))):
+        values = [report["overall"][key + suffix] for key, _ in groups]
+        bars = diversity.bar([j + i * 0.4 for j in range(len(groups))], values, 0.4, color=color, label=which)
+        diversity.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=2, fontsize=8)
+    diversity.set_xticks([j + 0.2 for j in range(len(groups))], [label for _, label in groups])
+    diversity.set_ylim(0, 1.15)
+    diversity.set_title("diversity: unique n-grams / all (higher is more varied)", fontsize=10)
+    diversity.legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"sft generate: {report['prompts']} prompts x {n} samples, {report['kept']} kept "
+                 f"({report['model']})", fontsize=11)
     save(fig, path)
     return fig
 

@@ -71,7 +71,7 @@ def test_every_verb_is_built():
     """Each verb's module exists and has the `run(cfg)` the CLI calls (none says "not implemented")."""
     import importlib
 
-    assert list(VERBS) == ["prepare", "pack", "train", "evaluate", "merge-lora"]
+    assert list(VERBS) == ["prepare", "pack", "train", "evaluate", "merge-lora", "generate"]
     for verb, (module, _) in VERBS.items():
         assert callable(getattr(importlib.import_module(module), "run", None)), verb
 

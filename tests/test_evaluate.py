@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from sft_cli.data.packing import IGNORE_INDEX
-from sft_cli.evaluate import distinct_n, load_for_eval, split_metrics
+from sft_cli.evaluate import distinct_n, split_metrics
+from sft_cli.model import load_for_inference
 from tests.conftest import _run_sft, write_chat_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,6 +157,6 @@ def test_bfloat16_run_evaluates_in_bfloat16_on_the_run_device(tmp_path, sft, mon
     monkeypatch.setattr(distributed, "device", lambda: asked.append(1) or torch.device("cpu"))
     cfg, tokenizer = load_config(str(run_dir / "config.yaml")), load_prepared_tokenizer(run_dir / "prepared")
     for path in (run_dir / "final", None):  # tuned, base
-        model = load_for_eval(cfg, tokenizer, path)
+        model = load_for_inference(cfg.model, tokenizer, path)
         assert {(p.dtype, p.device.type) for p in model.parameters()} == {(torch.bfloat16, "cpu")}
     assert len(asked) == 2

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sft_cli"
 
-VERBS = {"sft_cli.train", "sft_cli.evaluate", "sft_cli.merge", "sft_cli.prepare", "sft_cli.pack"}
+VERBS = {"sft_cli.train", "sft_cli.evaluate", "sft_cli.merge", "sft_cli.prepare", "sft_cli.pack", "sft_cli.generate"}
 # Entry points run the verbs: cli.py by name (importlib), worker.py as one rank of `sft train`.
 ENTRY_POINTS = {"sft_cli.cli", "sft_cli.worker", "sft_cli.__main__"}
 # The verb -> verb imports there are, each with what it is for; any new one is a layout change.
@@ -29,6 +29,7 @@ VERB_IMPORTS = {
     ("sft_cli.train", "sft_cli.prepare"),  # load_prepared_tokenizer
     ("sft_cli.evaluate", "sft_cli.pack"),  # ensure_packed for a run never prepared here
     ("sft_cli.evaluate", "sft_cli.prepare"),  # eval.sources prepared like training data; the tokenizer
+    ("sft_cli.generate", "sft_cli.prepare"),  # load_prepared_tokenizer: a run's own chat template
 }
 
 
