@@ -101,6 +101,9 @@ data x n={args.n} samples, temperature 0.8, top_p 0.95, max_new_tokens {args.max
 replies' own tokens (up to their stop token). The last row is plain `model.generate(do_sample=True)` with
 `num_return_sequences=n`, one prompt per call: the same work as "one prompt at a time" with torch's global
 generator instead of the per-sample seeded streams. One run each, one process, after a warm-up call.
+Our three rows draw the same replies (each sample has its own stream, whatever the batch), so their reply
+tokens agree; the plain row draws other samples, of other lengths, so its tokens/s is comparable but its
+token count is not.
 
 {markdown(header, rows)}
 

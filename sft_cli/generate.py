@@ -415,7 +415,7 @@ def _sample_and_score(engine, todo: list[PromptRow], params: SamplingParams, tok
             if item is None:
                 break
             i, completions = item
-            lines = _score_prompt(todo[i], completions, tokenizer, scorer, gen)
+            lines = _score_prompt(todo[i], completions, tokenizer, scorer, gen, cfg.max_seq_len)
             new_tokens = sum(len(c.token_ids) for c in completions)
             timing.write(json.dumps({"id": todo[i].location, "seconds": elapsed, "tokens": new_tokens}) + "\n")
             timing.flush()
@@ -430,11 +430,15 @@ def _sample_and_score(engine, todo: list[PromptRow], params: SamplingParams, tok
                                                         f"kept {sum(line['kept'] for line in lines)}/{len(lines)}")
 
 
-def _score_prompt(prompt: PromptRow, completions: list[Completion], tokenizer, scorer: Scorers, gen) -> list[dict]:
+def _score_prompt(prompt: PromptRow, completions: list[Completion], tokenizer, scorer: Scorers, gen,
+                  max_seq_len: int) -> list[dict]:
     replies = [decode_reply(tokenizer, c.token_ids, prompt.opened) for c in completions]
     verdicts = scorer(prompt, replies)
+    # Kept replies become training examples: prompt + reply + its end token (and the template's newline
+    # after it) must fit max_seq_len, or prepare would drop them as overlong.
     samples = [{"score": v.score, "passed": v.passed, "stopped": c.stopped, "content": r.content,
-                "reasoning": r.reasoning, "tokens": len(c.token_ids)}
+                "reasoning": r.reasoning, "tokens": len(c.token_ids),
+                "fits": len(prompt.ids) + len(c.token_ids) + 2 <= max_seq_len}
                for r, c, v in zip(replies, completions, verdicts)]
     decisions = select(samples, gen.select, gen.select_k, gen.min_score, gen.dedupe, gen.keep_truncated)
     lines = []

@@ -5,10 +5,10 @@
     top_k         the k best passing replies (gen.select_k)
 
 A reply is eligible when its scorer passed it, it scores at least `min_score` (when set), it ended on
-a stop token (unless `keep_truncated`: a reply cut at max_new_tokens teaches the model not to stop)
-and it has content. Eligible replies are ranked by score, then shorter first (of equally good replies
-the concise one; it also counters the length bias of reward models), then sample index, so ties break
-the same way on every run. Walking that ranking, a reply too similar to one already kept (word-trigram
+a stop token (unless `keep_truncated`: a reply cut at max_new_tokens teaches the model not to stop),
+it has content, and it fits max_seq_len with its prompt (`fits`, when given). Eligible replies are
+ranked by score, then shorter first (of equally good replies the concise one; it also counters the
+length bias of reward models), then sample index, so ties break the same way on every run. Walking that ranking, a reply too similar to one already kept (word-trigram
 Jaccard >= `dedupe`) is dropped as a duplicate: N near-identical copies of one answer would weight it
 N times in training and cost diversity.
 
@@ -28,7 +28,8 @@ RULES = ("best", "all_passing", "top_k")  # config.GEN_SELECTIONS
 @dataclass(frozen=True)
 class Decision:
     kept: bool
-    why: str  # "kept", or why not: not_passing, below_min_score, truncated, empty, duplicate, not_selected
+    why: str  # "kept", or why not: not_passing, below_min_score, truncated, empty, over_max_seq_len,
+    # duplicate, not_selected
 
 
 def shingles(text: str, n: int = 3) -> frozenset:
@@ -55,6 +56,8 @@ def _ineligible(sample: dict, min_score: float | None, keep_truncated: bool) -> 
         return "truncated"
     if not sample["content"].strip():
         return "empty"
+    if not sample.get("fits", True):
+        return "over_max_seq_len"
     return None
 
 

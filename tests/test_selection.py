@@ -52,6 +52,8 @@ def test_min_score_truncated_and_empty():
     decisions = select(samples, "all_passing", min_score=0.5)
     assert [d.why for d in decisions] == ["below_min_score", "truncated", "empty", "kept"]
     assert kept(select(samples, "all_passing", min_score=0.5, keep_truncated=True)) == [1, 3]
+    too_long = dict(sample("fits nowhere"), fits=False)
+    assert select([too_long], "best")[0].why == "over_max_seq_len"
     # None scores (scorer=none) with a min_score set are below it.
     assert select([sample("x y z", None)], "best", min_score=0.0)[0].why == "below_min_score"
 
