@@ -146,7 +146,7 @@ def generation(report: dict, path: Path) -> Figure:
         bars = rates.bar([j + i * width for j in range(len(sources))], shown, width, color=color, label=label)
         rates.bar_label(bars, labels=[f"{v:.2f}" if v is not None else "n/a" for v in values], padding=2, fontsize=8)
     rates.set_xticks([j + width for j in range(len(sources))], sources, fontsize=9)
-    rates.set_ylim(0, 1.15)
+    rates.set_ylim(0, 1.3)
     rates.set_ylabel("fraction")
     rates.set_title("verified replies per source (higher is better)", fontsize=10)
     rates.legend(fontsize=8, loc="upper right")
@@ -156,7 +156,7 @@ def generation(report: dict, path: Path) -> Figure:
         bars = diversity.bar([j + i * 0.4 for j in range(len(groups))], values, 0.4, color=color, label=which)
         diversity.bar_label(bars, labels=[f"{v:.3f}" for v in values], padding=2, fontsize=8)
     diversity.set_xticks([j + 0.2 for j in range(len(groups))], [label for _, label in groups])
-    diversity.set_ylim(0, 1.15)
+    diversity.set_ylim(0, 1.3)  # room for the legend above the bars
     diversity.set_title("diversity: unique n-grams / all (higher is more varied)", fontsize=10)
     diversity.legend(fontsize=8, loc="upper right")
     fig.suptitle(f"sft generate: {report['prompts']} prompts x {n} samples, {report['kept']} kept "

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from sft_cli.plot import COMPARED, comparison, ema, loss_curve, metric_value, sweep_curves
+from sft_cli.plot import COMPARED, comparison, ema, generation, loss_curve, metric_value, sweep_curves
 
 
 def _lines(steps: int = 12, eval_every: int = 4, lr: float = 1e-3, seed: int = 0) -> list[dict]:
@@ -121,3 +121,24 @@ def test_sweep_curves_label_points_and_plot_final_eval_against_each_value(tmp_pa
     assert list(x) == [1e-4, 1e-4, 1e-3, 1e-3] and list(y) == [2.0, 3.0, 4.0, 5.0]
     assert by_seed.get_xlabel() == "seed"
     assert (tmp_path / "sweep_losses.svg").exists()
+
+
+def test_generation_draws_pass_rates_per_source_and_diversity_all_vs_kept(tmp_path):
+    def stats(p1, pn, acc, d1, d2, k1, k2):
+        return {"pass@1": p1, "pass@4": pn, "acceptance": acc, "distinct_1": d1, "distinct_2": d2,
+                "distinct_1_kept": k1, "distinct_2_kept": k2}
+
+    report = {"n": 4, "prompts": 20, "kept": 7, "model": "m",
+              "by_source": {"mmlu": stats(0.25, 0.5, 0.1, 0.3, 0.6, 0.7, 0.9),
+                            "chat": stats(None, None, 1.0, 0.4, 0.5, 0.4, 0.5)},
+              "overall": stats(0.2, 0.4, 0.3, 0.31, 0.62, 0.77, 0.95)}
+    fig = generation(report, tmp_path / "generation.png")
+    rates, diversity = fig.axes
+    assert [t.get_text() for t in rates.get_xticklabels()] == ["mmlu", "chat"]
+    heights = {c.get_label(): [round(b.get_height(), 3) for b in c] for c in rates.containers}
+    assert heights == {"pass@1": [0.25, 0.0], "pass@4": [0.5, 0.0], "kept / samples": [0.1, 1.0]}
+    labels = [t.get_text() for t in rates.texts]  # bar labels: an unscored source says n/a, not 0
+    assert labels.count("n/a") == 2
+    kept = {c.get_label(): [round(b.get_height(), 3) for b in c] for c in diversity.containers}
+    assert kept == {"all samples": [0.31, 0.62], "kept": [0.77, 0.95]}
+    assert (tmp_path / "generation.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "generation.svg").exists()
