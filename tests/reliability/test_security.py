@@ -209,16 +209,32 @@ def test_the_scanner_catches_what_it_looks_for(trials):
     assert len(unsafe_calls(module)[1]) == len(PLANTED)  # one problem each, nothing counted twice
 
 
+# The one place that runs code on purpose: `sft generate`'s sandbox child (verify.py) compiles and execs
+# the model-written program, inside its own rlimited, audited subprocess. Only those two calls, only there.
+SANDBOX_EXEC = ("sft_cli/verify.py", "_child_main", {"calls exec", "calls compile"})
+
+
+def _sandbox_lines(tree: ast.AST) -> range:
+    function = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == SANDBOX_EXEC[1])
+    return range(function.lineno, function.end_lineno + 1)
+
+
 def test_no_unsafe_deserialisation_or_dynamic_code(record_property):
-    inspected, offenders, clean = 0, [], 0
+    inspected, offenders, clean, exempted = 0, [], 0, []
     for path in SOURCES:
-        calls, problems = unsafe_calls(ast.parse(path.read_text()))
+        tree = ast.parse(path.read_text())
+        calls, problems = unsafe_calls(tree)
+        if str(path.relative_to(REPO)) == SANDBOX_EXEC[0]:
+            lines = _sandbox_lines(tree)
+            exempted = [p for p in problems if int(p.split(":")[0]) in lines and p.split(": ", 1)[1] in SANDBOX_EXEC[2]]
+            problems = [p for p in problems if p not in exempted]
         inspected += calls
         clean += not problems
         offenders += [f"{path.relative_to(REPO)}:{p}" for p in problems]
     record(record_property, len(SOURCES), clean)  # a trial per module
     record_property("calls_inspected", inspected)
     assert not offenders, offenders
+    assert len(exempted) == 2, f"the sandbox exemption is stale: {exempted}"  # exec + compile, nothing else
 
 
 # ---- config files are data ------------------------------------------------------------------
