@@ -189,3 +189,28 @@ def test_another_job_in_the_same_run_dir_is_refused(lora_run_copy, prompts, sft)
 def test_no_prompts_is_a_config_error(lora_run_copy, sft):
     result = sft("generate", f"run_dir={lora_run_copy}")
     assert result.returncode == 2 and "gen.prompts" in result.stderr
+
+
+THINKING_TEMPLATE = """{%- for message in messages -%}
+{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<|im_start|>assistant\\n<think>\\n' -}}
+{%- endif -%}"""
+
+
+def test_a_template_that_opens_reasoning_gets_replies_split(prompts, sft, tmp_path):
+    """A generation prompt ending in `<think>\\n` (Qwen3.5 thinking, R1 distills): the reply starts inside
+    the reasoning block, so what the model wrote is reasoning_content; never closing it leaves no content,
+    and such a reply is not kept as training data."""
+    template = tmp_path / "thinking.jinja"
+    template.write_text(THINKING_TEMPLATE)
+    result = sft("generate", f"gen.model={TINY_MODEL}", f"data.chat_template={template}", f"run_dir={tmp_path / 'r'}",
+                 f"gen.prompts={prompts}", "gen.n=2", "gen.max_new_tokens=6", "gen.temperature=1.0",
+                 "gen.keep_truncated=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = read_jsonl(tmp_path / "r" / "generated" / "all.jsonl")
+    assert all(line["reasoning_content"] is not None for line in lines)  # every reply began inside the block
+    unclosed = [line for line in lines if line["content"] == ""]
+    assert unclosed, "a 6-token random reply should rarely close </think>"
+    assert all(line["why"] == "empty" and not line["kept"] for line in unclosed)
