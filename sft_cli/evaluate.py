@@ -65,7 +65,7 @@ def run(cfg: SFTConfig) -> int:
     generations = []
     models = [("tuned", target)] + ([("base", None)] if cfg.eval.compare_base else [])
     for name, path in models:
-        model = load_for_inference(cfg.model, tokenizer, path)
+        model = load_for_inference(cfg.model, tokenizer, path, run_cfg=cfg)
         ui.err.print(f"evaluating {name}: {path or cfg.model.name_or_path}")
         result = split_metrics(model, examples, cfg.eval.micro_batch_size, max_seq_len=cfg.max_seq_len)
         result["forgetting_ppl"] = split_metrics(model, general, cfg.eval.micro_batch_size,

@@ -46,7 +46,7 @@ from sft_cli.run_dir import (
     write_json_atomic,
     write_manifest,
 )
-from sft_cli.sampling import Completion, Prompt, Reply, SamplingParams, decode_reply, text_key
+from sft_cli.sampling import Completion, Prompt, Reply, SamplingParams, decode_reply, stop_token_ids, text_key
 from sft_cli.selection import select
 
 OUT = "generated"
@@ -67,21 +67,25 @@ def run(cfg: SFTConfig) -> int:
     seed = cfg.seed if gen.seed is None else gen.seed
     params = SamplingParams(n=gen.n, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
                             max_new_tokens=gen.max_new_tokens, seed=seed, batch_size=gen.batch_size)
-    engine_name = pick_engine(gen.engine)
-    fp = fingerprint("generate", target.identity(), [p.identity() for p in prompts], params.__dict__, engine_name,
-                     _scoring_settings(cfg))
+    engine_name = pick_engine(gen.engine, target)
+    stops = stop_token_ids(tokenizer, target.run / "prepared" if target.run else None)
+    # What changes the samples or which are kept; not gen.batch_size (samples do not depend on it), so a
+    # run killed for memory resumes with a smaller batch.
+    sampling = {k: v for k, v in params.__dict__.items() if k != "batch_size"}
+    fp = fingerprint("generate", target.identity(), [p.identity() for p in prompts], sampling, engine_name, stops,
+                     cfg.max_seq_len, _scoring_settings(cfg))
     if is_complete(out, fp):
         report = json.loads((out / "report.json").read_text())
         ui.err.print(f"[green]generated/ is up to date[/] ({out}, fingerprint {fp}): {report['kept']:,} replies kept "
                      f"of {report['samples']:,} samples")
         return 0
     done = resume(out, fp, gen.overwrite, n=gen.n)
-    todo = [p for p in prompts if p.location not in done]
+    todo = [p for p in prompts if p.id not in done]
     ui.err.print(f"generating: {target.describe()} ({engine_name}), {len(prompts):,} prompts x {gen.n} samples"
                  + (f"; resuming: {len(prompts) - len(todo):,} prompts already done" if done else ""))
     if todo:
         scorer = Scorers(cfg)
-        engine = make_engine(engine_name, cfg, target, tokenizer)
+        engine = make_engine(engine_name, cfg, target, tokenizer, stops)
         _sample_and_score(engine, todo, params, tokenizer, scorer, cfg, out / "all.jsonl")
     return finish(cfg, out, fp, prompts, rejected, target, engine_name)
 
@@ -110,12 +114,16 @@ class Target:
         return (Path(self.weights) / "adapter_config.json").is_file()
 
     def identity(self) -> dict:
-        """What names these weights for the resume check: the path, and the size and mtime of every
-        file in a local folder (a retrained run_dir/final is another model)."""
+        """What names these weights for the resume check: the path, the size and mtime of every file in
+        a local folder (a retrained run_dir/final is another model), and how they load."""
         folder = Path(self.weights)
         files = {str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns]
                  for p in sorted(folder.rglob("*")) if p.is_file()} if folder.is_dir() else {}
-        return {"weights": str(self.weights), "files": files, "base": self.model.name_or_path}
+        model = {k: getattr(self.model, k) for k in ("name_or_path", "dtype", "attn_implementation", "revision")}
+        return {"weights": str(self.weights), "files": files, "model": model}
+
+    def run_config(self) -> SFTConfig | None:
+        return load_config(str(self.run / "config.yaml")) if self.run is not None else None
 
     def describe(self) -> str:
         return f"{self.weights}" + (f" (adapter on {self.model.name_or_path})" if self.is_adapter else "")
@@ -130,7 +138,8 @@ def _run_of(path: Path) -> Path | None:
 
 
 def _run_output(run: Path) -> Path | None:
-    for name in ("merged", "final"):
+    # final/ first, as `sft evaluate` reads it (the same greedy replies); merged/ is the same model folded.
+    for name in ("final", "merged"):
         if (run / name / "config.json").is_file() or (run / name / "adapter_config.json").is_file():
             return run / name
     return None
@@ -150,8 +159,11 @@ def resolve_target(cfg: SFTConfig) -> Target:
         if not path.exists() and (given.startswith((".", "/", "~")) or path.suffix in (".yaml", ".json")):
             raise ConfigError("gen.model", f"not found: {given}", "give a model folder, a run_dir, or a hub id")
         model = copy.deepcopy(cfg.model)
-        if not (path / "adapter_config.json").is_file():
+        adapter = path / "adapter_config.json"
+        if not adapter.is_file():
             model.name_or_path = given
+        elif model.name_or_path in (given, "???"):  # no base named apart from the adapter: the one it was made on
+            model.name_or_path = json.loads(adapter.read_text()).get("base_model_name_or_path") or model.name_or_path
         return Target(given, model, None, cfg.data.chat_template)
     weights = path if path != run else _run_output(run)
     if weights is None:
@@ -160,21 +172,36 @@ def resolve_target(cfg: SFTConfig) -> Target:
     return Target(str(weights), load_config(str(run / "config.yaml")).model, run)
 
 
-def pick_engine(choice: str) -> str:
+def pick_engine(choice: str, target: Target) -> str:
     from sft_cli.sampling import vllm_usable
 
-    if choice == "vllm" and not vllm_usable():
-        raise ConfigError("gen.engine", "vllm needs the vllm package and a CUDA GPU",
-                          "pip install vllm on a GPU machine, or set gen.engine=transformers")
-    if choice == "auto":
-        return "vllm" if vllm_usable() else "transformers"
-    return choice
+    if choice == "transformers":
+        return choice
+    why_not = None if vllm_usable() else "vllm needs the vllm package and a CUDA GPU"
+    why_not = why_not or _vllm_cannot_load(target)
+    if why_not and choice == "vllm":
+        raise ConfigError("gen.engine", why_not, "set gen.engine=transformers (or auto)")
+    if why_not and vllm_usable():
+        ui.err.print(f"[dim]gen.engine=auto: transformers, not vllm ({why_not})[/]")
+    return "transformers" if why_not else "vllm"
 
 
-def make_engine(name: str, cfg: SFTConfig, target: Target, tokenizer):
-    from sft_cli.sampling import TransformersEngine, VllmEngine, stop_token_ids
+def _vllm_cannot_load(target: Target) -> str | None:
+    from sft_cli.model import is_training_checkpoint
 
-    stops = stop_token_ids(tokenizer, target.run / "prepared" if target.run else None)
+    folder = Path(target.weights)
+    if is_training_checkpoint(folder):
+        return f"{folder} is a training checkpoint; vLLM loads model folders and adapters"
+    if target.is_adapter:
+        adapter = json.loads((folder / "adapter_config.json").read_text())
+        if adapter.get("modules_to_save") or adapter.get("use_dora"):
+            return "vLLM serves LoRA adapters without modules_to_save or DoRA; merge it first (sft merge-lora)"
+    return None
+
+
+def make_engine(name: str, cfg: SFTConfig, target: Target, tokenizer, stops: list[int]):
+    from sft_cli.sampling import TransformersEngine, VllmEngine
+
     if name == "vllm":
         import tempfile
 
@@ -183,14 +210,23 @@ def make_engine(name: str, cfg: SFTConfig, target: Target, tokenizer):
         base = target.model.name_or_path if target.is_adapter else target.weights
         return VllmEngine(base, stops, tokenizer_path=folder, adapter_path=target.weights if target.is_adapter else None,
                           dtype=target.model.dtype if target.model.dtype != "auto" else "auto",
-                          seed=cfg.seed if cfg.gen.seed is None else cfg.gen.seed, trust_remote_code=target.model.trust_remote_code)
+                          seed=cfg.seed if cfg.gen.seed is None else cfg.gen.seed, trust_remote_code=target.model.trust_remote_code,
+                          # A reward model shares the GPU: leave it room.
+                          gpu_memory_utilization=0.6 if _uses_reward(cfg) else 0.9)
     from sft_cli.model import load_for_inference
 
     # A plain model folder or hub id loads as the base (model.name_or_path is it); a run's output or an
     # adapter loads from its folder (an adapter onto model.name_or_path).
     plain = target.run is None and not target.is_adapter
-    model = load_for_inference(target.model, tokenizer, None if plain else Path(target.weights))
+    model = load_for_inference(target.model, tokenizer, None if plain else Path(target.weights),
+                               run_cfg=target.run_config())
     return TransformersEngine(model, tokenizer.pad_token_id, stops)
+
+
+def _uses_reward(cfg: SFTConfig) -> bool:
+    if cfg.gen.prompts or not cfg.gen.sources:
+        return cfg.gen.scorer == "reward"
+    return any((src.scorer or cfg.gen.scorer) == "reward" for src in cfg.gen.sources)
 
 
 # -- prompts ----------------------------------------------------------------------------------------
@@ -198,7 +234,9 @@ def make_engine(name: str, cfg: SFTConfig, target: Target, tokenizer):
 @dataclass
 class PromptRow:
     source: str
-    location: str  # file:line, the prompt's identity in all.jsonl and its random stream
+    id: str  # "source#row": the prompt's identity in all.jsonl and its random stream (not the file's path,
+    # so a moved or relatively named file samples the same)
+    location: str  # file:line, for people
     messages: list[dict]
     reference: str | None  # the row's answer: its bare answer field, else its reference reply
     reference_is_answer: bool
@@ -212,7 +250,7 @@ class PromptRow:
     template_kwargs: dict | None = None
 
     def identity(self) -> list:
-        return [self.location, self.ids, self.reference, self.scorer, self.extract, self.pattern]
+        return [self.id, self.ids, self.reference, self.scorer, self.extract, self.pattern]
 
 
 def prompt_sources(cfg: SFTConfig) -> list[GenSourceConfig]:
@@ -235,27 +273,35 @@ def load_prompts(cfg: SFTConfig, tokenizer) -> tuple[list[PromptRow], list[dict]
 
     chat = _chat_renderer(cfg, tokenizer)
     prompts, rejected = [], []
+    sources = prompt_sources(cfg)
     with tempfile.TemporaryDirectory(prefix="sft-gen-") as work:
-        for index, src in enumerate(prompt_sources(cfg)):
+        for index, src in enumerate(sources):
+            if cfg.gen.num_prompts is not None and len(prompts) >= cfg.gen.num_prompts:
+                break  # the sources after the cap are not read at all
             name = source_name(src, index)
-            taken = 0
-            for raw in load_source(src, index, Path(work)):
+            key = "gen.prompts" if cfg.gen.prompts else f"gen.sources[{index}].path"
+            try:
+                rows = load_source(src, index, Path(work))
+            except SFTError as exc:  # its message names data.sources[i]; here the prompts come from `key`
+                raise SFTError(str(exc).replace(f"data.sources[{index}].path", key)) from None
+            taken, before = 0, len(rejected)
+            for ordinal, raw in enumerate(rows):
                 if src.limit is not None and taken >= src.limit:
                     break
                 if cfg.gen.num_prompts is not None and len(prompts) >= cfg.gen.num_prompts:
                     break
                 try:
-                    prompt = _prompt_row(raw, src, name, cfg, tokenizer, chat)
+                    prompt = _prompt_row(raw, src, name, f"{name}#{ordinal}", cfg, tokenizer, chat)
                 except _Unusable as why:
                     rejected.append({"location": raw["location"], "source": name, "reason": why.reason,
                                      "detail": why.detail})
                     continue
                 prompts.append(prompt)
                 taken += 1
-    twice = [loc for loc, k in Counter(p.location for p in prompts).items() if k > 1]
-    if twice:
-        raise ConfigError("gen.sources", f"the same prompt rows are listed twice ({twice[0]})",
-                          "list each file once (use its limit to take fewer rows)")
+            if not taken and len(rejected) > before:
+                ui.err.print(f"[yellow]source {name}: every row read was rejected[/] (see rejected.jsonl)")
+    if len({src_name for src_name in (source_name(src, i) for i, src in enumerate(sources))}) < len(sources):
+        raise ConfigError("gen.sources", "two sources have the same name", "give each source its own `name`")
     if rejected:
         counts = Counter(r["reason"] for r in rejected)
         ui.err.print(f"[yellow]{len(rejected)} prompt rows not usable[/]: "
@@ -281,7 +327,19 @@ def _chat_renderer(cfg: SFTConfig, tokenizer):
                         markers, template_kwargs=cfg.data.chat_template_kwargs)
 
 
-def _prompt_row(raw: dict, src: GenSourceConfig, name: str, cfg: SFTConfig, tokenizer, chat) -> PromptRow:
+# Prompt-only rows (no reply to learn from, so prepare has no format for them): the prompt's column.
+PROMPT_COLUMNS = ("prompt", "question", "problem", "query")
+
+
+def _prompt_only(row: dict, columns: dict[str, str]) -> dict | None:
+    for name in PROMPT_COLUMNS:
+        value = row.get(columns.get(name, name))
+        if isinstance(value, str) and value.strip():
+            return {"kind": "prompt_completion", "prompt": value, "completion": None}
+    return None
+
+
+def _prompt_row(raw: dict, src: GenSourceConfig, name: str, key: str, cfg: SFTConfig, tokenizer, chat) -> PromptRow:
     from sft_cli import verify
     from sft_cli.data.chat import OPENER
     from sft_cli.data.formats import RowError, normalize
@@ -290,10 +348,13 @@ def _prompt_row(raw: dict, src: GenSourceConfig, name: str, cfg: SFTConfig, toke
         reason, _, detail = raw["error"].partition(": ")
         raise _Unusable(reason, detail)
     gen = cfg.gen
+    fmt = src.format.value if hasattr(src.format, "value") else src.format
     try:
-        example = normalize(raw["raw"], src.format.value if hasattr(src.format, "value") else src.format, src.columns)
+        example = normalize(raw["raw"], fmt, src.columns)
     except RowError as exc:
-        raise _Unusable(exc.reason, exc.detail) from None
+        example = _prompt_only(json.loads(raw["raw"]), src.columns) if exc.reason == "unknown_format" else None
+        if example is None:
+            raise _Unusable(exc.reason, exc.detail) from None
     row = json.loads(raw["raw"])
     if example["kind"] == "text":
         raise _Unusable("no_prompt", "a plain-text row has no prompt to answer")
@@ -337,7 +398,7 @@ def _prompt_row(raw: dict, src: GenSourceConfig, name: str, cfg: SFTConfig, toke
         opened = bool(OPENER.search(text))
     if len(ids) >= cfg.max_seq_len:  # its reply could never be trained within max_seq_len
         raise _Unusable("prompt_too_long", f"{len(ids)} tokens >= max_seq_len {cfg.max_seq_len}")
-    return PromptRow(source=name, location=raw["location"], messages=prompt, reference=reference,
+    return PromptRow(source=name, id=key, location=raw["location"], messages=prompt, reference=reference,
                      reference_is_answer=is_answer, row=row, scorer=scorer, extract=how, pattern=pattern, ids=ids,
                      opened=opened, tools=tools, template_kwargs=kwargs)
 
@@ -400,7 +461,7 @@ def _sample_and_score(engine, todo: list[PromptRow], params: SamplingParams, tok
     from sft_cli.faults import fault_point
 
     gen = cfg.gen
-    prompts = [Prompt(p.ids, text_key(p.location)) for p in todo]
+    prompts = [Prompt(p.ids, text_key(p.id)) for p in todo]
     path.parent.mkdir(parents=True, exist_ok=True)
     progress = ui.counted_bar("prompts")
     tokens, seconds = 0, 0.0
@@ -417,7 +478,7 @@ def _sample_and_score(engine, todo: list[PromptRow], params: SamplingParams, tok
             i, completions = item
             lines = _score_prompt(todo[i], completions, tokenizer, scorer, gen, cfg.max_seq_len)
             new_tokens = sum(len(c.token_ids) for c in completions)
-            timing.write(json.dumps({"id": todo[i].location, "seconds": elapsed, "tokens": new_tokens}) + "\n")
+            timing.write(json.dumps({"id": todo[i].id, "seconds": elapsed, "tokens": new_tokens}) + "\n")
             timing.flush()
             log.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode())
             log.flush()
@@ -443,7 +504,8 @@ def _score_prompt(prompt: PromptRow, completions: list[Completion], tokenizer, s
     decisions = select(samples, gen.select, gen.select_k, gen.min_score, gen.dedupe, gen.keep_truncated)
     lines = []
     for s, (reply, completion, verdict, decision) in enumerate(zip(replies, completions, verdicts, decisions)):
-        line = {"id": prompt.location, "source": prompt.source, "sample": s, "messages": prompt.messages,
+        line = {"id": prompt.id, "location": prompt.location, "source": prompt.source, "sample": s,
+                "messages": prompt.messages,
                 "content": reply.content, "reasoning_content": reply.reasoning, "new_tokens": len(completion.token_ids),
                 "stopped": completion.stopped, "score": verdict.score, "passed": verdict.passed,
                 "verdict": verdict.reason, "detail": verdict.detail, "kept": decision.kept, "why": decision.why,
@@ -485,14 +547,12 @@ def resume(out: Path, fp: str, overwrite: bool, n: int) -> set[str]:
     with open(log, "rb") as handle:
         data = handle.read()
     offset = 0
-    for raw in data.splitlines(keepends=True):
-        if not raw.endswith(b"\n"):
-            break
+    for raw in data.split(b"\n")[:-1]:  # the piece after the last newline is a torn line, or empty
         try:
             line = json.loads(raw)
         except json.JSONDecodeError:
             break
-        offset += len(raw)
+        offset += len(raw) + 1
         counts[line["id"]] += 1
         if counts[line["id"]] == n:
             done.add(line["id"])
@@ -507,8 +567,8 @@ def resume(out: Path, fp: str, overwrite: bool, n: int) -> set[str]:
 
 def finish(cfg: SFTConfig, out: Path, fp: str, prompts: list[PromptRow], rejected: list[dict], target: Target,
            engine: str) -> int:
-    order = {p.location: i for i, p in enumerate(prompts)}
-    lines = [json.loads(raw) for raw in (out / "all.jsonl").read_text().splitlines() if raw.strip()]
+    order = {p.id: i for i, p in enumerate(prompts)}
+    lines = _read_jsonl(out / "all.jsonl")
     lines = sorted((line for line in lines if line["id"] in order), key=lambda line: (order[line["id"]], line["sample"]))
     _write_jsonl(out / "all.jsonl", lines)  # in prompt order, only this job's prompts
     _write_jsonl(out / "data.jsonl", [_training_row(line) for line in lines if line["kept"]])
@@ -556,7 +616,8 @@ def _stats(lines: list[dict], n: int) -> dict:
     for line in lines:
         by_prompt.setdefault(line["id"], []).append(line)
     kept = [line for line in lines if line["kept"]]
-    scored = bool(lines) and lines[0]["scorer"] != "none"
+    # pass@k: only where a verdict is right/wrong (match, tests); a reward score has no pass/fail.
+    verified = {key: group for key, group in by_prompt.items() if group[0]["scorer"] in ("match", "tests")}
     text = [(line["reasoning_content"] or "") + " " + line["content"] for line in lines]
     kept_text = [(line["reasoning_content"] or "") + " " + line["content"] for line in kept]
     scores = [line["score"] for line in lines if line["score"] is not None]
@@ -565,8 +626,8 @@ def _stats(lines: list[dict], n: int) -> dict:
         "prompts": len(by_prompt), "samples": len(lines), "kept": len(kept),
         "prompts_with_kept": sum(any(line["kept"] for line in group) for group in by_prompt.values()),
         # pass@1: the chance one sample passes (mean pass rate per prompt); pass@N: any of the N does.
-        "pass@1": float(np.mean([np.mean([line["passed"] for line in g]) for g in by_prompt.values()])) if scored else None,
-        f"pass@{n}": float(np.mean([any(line["passed"] for line in g) for g in by_prompt.values()])) if scored else None,
+        "pass@1": float(np.mean([np.mean([line["passed"] for line in g]) for g in verified.values()])) if verified else None,
+        f"pass@{n}": float(np.mean([any(line["passed"] for line in g) for g in verified.values()])) if verified else None,
         "acceptance": len(kept) / max(len(lines), 1),
         "mean_score": float(np.mean(scores)) if scores else None,
         "truncated": sum(not line["stopped"] for line in lines) / max(len(lines), 1),
@@ -582,22 +643,29 @@ def _stats(lines: list[dict], n: int) -> dict:
 def _sampling_seconds(out: Path) -> dict[str, float]:
     """Seconds spent sampling each prompt, over every (resumed) invocation; the last entry of a prompt
     counts (a prompt sampled again after a kill tore its lines)."""
-    seconds = {}
     path = out / TIMING
-    for raw in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            entry = json.loads(raw)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill
-        seconds[entry["id"]] = entry["seconds"]
-    return seconds
+    return {entry["id"]: entry["seconds"] for entry in (_read_jsonl(path) if path.is_file() else [])}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file we wrote, split on newlines only: str.splitlines would also split inside a
+    reply holding U+2028 or U+0085, which json.dumps(ensure_ascii=False) writes as they are. A torn
+    last line (a kill mid-write) is skipped."""
+    rows = []
+    for raw in path.read_bytes().split(b"\n"):
+        if raw.strip():
+            try:
+                rows.append(json.loads(raw))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def build_report(lines: list[dict], prompts: list[PromptRow], rejected: list[dict], cfg: SFTConfig, target: Target,
                  engine: str, out: Path) -> dict:
     gen = cfg.gen
     sources = list(dict.fromkeys(p.source for p in prompts))
-    seconds = sum(_sampling_seconds(out).get(p.location, 0.0) for p in prompts)
+    seconds = sum(_sampling_seconds(out).get(p.id, 0.0) for p in prompts)
     tokens = sum(line["new_tokens"] for line in lines)
     overall = _stats(lines, gen.n)
     if len({p.scorer for p in prompts}) > 1:

@@ -181,17 +181,21 @@ def apply_peft(cfg: SFTConfig, model, added_tokens: bool):
     return get_peft_model(model, config)
 
 
-def load_for_inference(model_cfg: ModelConfig, tokenizer, path=None):
+def load_for_inference(model_cfg: ModelConfig, tokenizer, path=None, run_cfg: SFTConfig | None = None):
     """For evaluation and generation: the base (path None), a full model folder, or an adapter folder on
     top of the base, on the run's device in its compute dtype (no training here, so no float32 master
     weights). An adapter's own weights stay float32 as peft keeps them in training, so the tuned model
-    computes as it did there."""
+    computes as it did there. A training checkpoint (checkpoints/step-N: trainable.safetensors only) is
+    rebuilt as training built it, from its run's config (`run_cfg`), with the checkpoint's weights."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
     from sft_cli import distributed
     from sft_cli.assets import resolve_model
+
+    if path is not None and is_training_checkpoint(Path(path)):
+        return _checkpoint_for_inference(run_cfg, tokenizer, Path(path))
 
     dtype = pick_dtype(model_cfg.dtype)
     kwargs = {"dtype": dtype, "attn_implementation": pick_attention(model_cfg.attn_implementation, training=False,
@@ -211,4 +215,33 @@ def load_for_inference(model_cfg: ModelConfig, tokenizer, path=None):
     except (OSError, ValueError, RuntimeError) as exc:
         raise load_error(str(path or model_cfg.name_or_path), exc) from None
     model.config.use_cache = False
+    return model.eval()
+
+
+def is_training_checkpoint(folder) -> bool:
+    from pathlib import Path
+
+    folder = Path(folder)
+    return (folder / "trainable.safetensors").is_file() and not (folder / "config.json").is_file() \
+        and not (folder / "adapter_config.json").is_file()
+
+
+def _checkpoint_for_inference(run_cfg: SFTConfig | None, tokenizer, folder):
+    import copy
+
+    from safetensors.torch import load_file
+
+    from sft_cli import distributed
+    from sft_cli.checkpoint import load_trainable_state
+    from sft_cli.errors import SFTError
+
+    if run_cfg is None:
+        raise SFTError(f"{folder} is a training checkpoint: it loads only with its run's config.yaml "
+                       "(give the checkpoint inside its run_dir, or use the run's final/)")
+    cfg = copy.deepcopy(run_cfg)
+    cfg.trainer.gradient_checkpointing = False  # inference: nothing to recompute
+    model, _ = load_model(cfg, tokenizer, cfg.model.name_or_path)
+    load_trainable_state(model, load_file(str(folder / "trainable.safetensors")))
+    model.to(distributed.device())
+    model.requires_grad_(False)
     return model.eval()

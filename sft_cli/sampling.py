@@ -11,7 +11,9 @@ Seeded per sample, not per batch: each sample draws from its own random stream, 
 (seed, prompt key, sample index, step), through the Gumbel-max trick (argmax of logits/T + Gumbel
 noise is a draw from softmax(logits/T), after top-k/top-p masking). So a sample does not depend on
 which other prompts share its batch, on the batch size, or on where a killed run resumed; with
-torch's one global generator it would. temperature=0 is greedy decoding.
+torch's one global generator it would. That holds bit for bit where logits do not depend on the batch
+shape (CPU, float32); a GPU kernel may round a padded batch's logits differently, and then a near-tie
+can flip. temperature=0 is greedy decoding.
 
     engine = TransformersEngine(model, pad_id=tok.pad_token_id, stop_ids=[tok.eos_token_id])
     params = SamplingParams(n=4, temperature=0.8, top_p=0.95, max_new_tokens=256, seed=0)
@@ -160,12 +162,20 @@ class TransformersEngine:
             processors.append(SeededGumbel(keys, width))
         # Greedy over (noised) scores: do_sample stays off, so the model's own sampling defaults
         # (generation_config.top_k=50 and the like) never apply on top of gen.*.
+        # Neutral values set explicitly: generate() fills every unset field from the model's own
+        # generation_config (Qwen2.5 ships repetition_penalty 1.05), which would bend gen.* and differ
+        # from the vLLM engine.
         config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, num_beams=1,
-                                  eos_token_id=self.stop_ids, pad_token_id=self.pad_id, use_cache=True)
+                                  eos_token_id=self.stop_ids, pad_token_id=self.pad_id, use_cache=True,
+                                  repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, min_length=0,
+                                  encoder_repetition_penalty=1.0, suppress_tokens=[], begin_suppress_tokens=[])
         out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                                   logits_processor=processors)
         stops = set(self.stop_ids)
         return [cut_at_stop(row, stops) for row in out[:, width:].tolist()]
+
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class VllmEngine:
@@ -177,13 +187,13 @@ class VllmEngine:
 
     def __init__(self, model_path: str, stop_ids: list[int], *, tokenizer_path: str | None = None,
                  adapter_path: str | None = None, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
-                 trust_remote_code: bool = False, chunk_prompts: int = 256):
+                 trust_remote_code: bool = False, chunk_prompts: int = 256, gpu_memory_utilization: float = 0.9):
         from vllm import LLM
 
         self.stop_ids, self.chunk_prompts = list(stop_ids), chunk_prompts
         self.adapter = None
         kwargs = {"model": model_path, "tokenizer": tokenizer_path or model_path, "dtype": dtype, "seed": seed,
-                  "trust_remote_code": trust_remote_code}
+                  "trust_remote_code": trust_remote_code, "gpu_memory_utilization": gpu_memory_utilization}
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if adapter_path:
@@ -193,7 +203,9 @@ class VllmEngine:
             from vllm.lora.request import LoRARequest
 
             rank = json.loads((Path(adapter_path) / "adapter_config.json").read_text()).get("r", 16)
-            kwargs.update(enable_lora=True, max_lora_rank=max(8, int(rank)))
+            # vLLM accepts only these ranks as its LoRA slot size; the adapter's rank must fit in one.
+            slot = next((r for r in VLLM_LORA_RANKS if r >= int(rank)), VLLM_LORA_RANKS[-1])
+            kwargs.update(enable_lora=True, max_lora_rank=slot)
             self.adapter = LoRARequest("sft-adapter", 1, str(adapter_path))
         self.llm = LLM(**kwargs)
 

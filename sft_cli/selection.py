@@ -8,7 +8,8 @@ A reply is eligible when its scorer passed it, it scores at least `min_score` (w
 a stop token (unless `keep_truncated`: a reply cut at max_new_tokens teaches the model not to stop),
 it has content, and it fits max_seq_len with its prompt (`fits`, when given). Eligible replies are
 ranked by score, then shorter first (of equally good replies the concise one; it also counters the
-length bias of reward models), then sample index, so ties break the same way on every run. Walking that ranking, a reply too similar to one already kept (word-trigram
+length bias of reward models; unscored replies skip this), then sample index, so ties break the same
+way on every run. Walking that ranking, a reply too similar to one already kept (word-trigram
 Jaccard >= `dedupe`) is dropped as a duplicate: N near-identical copies of one answer would weight it
 N times in training and cost diversity.
 
@@ -76,7 +77,9 @@ def select(samples: list[dict], rule: str = "best", k: int = 1, min_score: float
         else:
             eligible.append(i)
     score = [s["score"] if s["score"] is not None else 0.0 for s in samples]
-    eligible.sort(key=lambda i: (-score[i], samples[i]["tokens"], i))
+    # Unscored samples (scorer none) rank by sample index alone: preferring the shortest of N replies
+    # would bias distillation data toward terse answers.
+    eligible.sort(key=lambda i: (-score[i], samples[i]["tokens"] if samples[i]["score"] is not None else 0, i))
     kept: list[frozenset] = []
     for i in eligible:
         text = samples[i]["content"] + "\n" + (samples[i].get("reasoning") or "")

@@ -70,6 +70,7 @@ _ANSWER_PHRASE = re.compile(r"\banswer(?:\s+is|\s*:)+[\s*:]*(\()?\s*([A-J])\b", 
 _ENUMERATED = re.compile(r"\(([A-J])\)")
 # A reply that opens with the option it picks: "C) True, False", "(B) 12".
 _LEADING_OPTION = re.compile(r"\s*\(?([A-J])\)[\s.:,]")
+_OPTION_MARK = re.compile(r"(?:^|\s)\(?([A-J])\)")  # "C)" or "(C)" after a space or at the start
 _LONE_LETTER = re.compile(r"\s*\(?([A-J])\)?\.?\s*", re.IGNORECASE)
 # After a bare lower-case letter: punctuation or the end, else "the answer is a number" reads as A.
 _LETTER_END = re.compile(r"[ \t]*(?:[.,;:!?)*\n]|\Z)")
@@ -88,11 +89,14 @@ def _letter(text: str) -> str | None:
     for m in reversed(list(_ANSWER_PHRASE.finditer(text))):
         if m.group(1) or m.group(2).isupper() or _LETTER_END.match(text, m.end()):
             return m.group(2).upper()
+    # Without an answer phrase, options named in passing ("(A) is wrong because ...", a restated list
+    # "(A) 2, (B) 3, ...") are no answer: only a reply naming one letter alone, in front ("C) True,
+    # False") or as "(C)", has one.
+    named = set(_ENUMERATED.findall(text)) | set(_OPTION_MARK.findall(text))
     leading = _LEADING_OPTION.match(text)
-    if leading:
+    if leading and named <= {leading.group(1)}:
         return leading.group(1)
-    enumerated = _ENUMERATED.findall(text)
-    return enumerated[-1] if enumerated else None
+    return named.pop() if len(named) == 1 else None
 
 
 def _canonical_number(m: re.Match) -> str | None:
@@ -494,7 +498,9 @@ def _child_main(root: str, report_fd: int, timeout_s: float, memory_mb: int) -> 
             raise PermissionError(f"sandbox: {why}")
 
     sys.addaudithook(hook)
-    module = types.ModuleType("__main__")  # a clean __main__, not this file's globals
+    # A module of its own, not __main__: a reply's `if __name__ == "__main__":` demo (input(), unittest.main())
+    # must not run, as HumanEval's own harness does not run it.
+    module = types.ModuleType("solution")
     module.__file__ = os.path.join(root, _PROGRAM_FILE)
     sys.modules["__main__"] = module
     reason, detail = "ok", ""

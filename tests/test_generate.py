@@ -41,8 +41,9 @@ def test_generate_records_every_sample_and_its_data_prepares_cleanly(lora_run_co
     out = run / "generated"
     lines = read_jsonl(out / "all.jsonl")
     # 4 usable prompts x 3 samples, in file order, each sample once.
-    assert [(Path(line["id"]).name, line["sample"]) for line in lines] == [
+    assert [(Path(line["location"]).name, line["sample"]) for line in lines] == [
         (f"prompts.jsonl:{row}", s) for row in (1, 2, 3, 6) for s in range(3)]
+    assert lines[0]["id"] == "prompts#0" and lines[-1]["id"] == "prompts#5"  # source#row: the sample streams' key
     assert lines[3]["messages"] == [{"role": "user", "content": "Say something 2"}]  # the reference is cut off
     assert lines[3]["reference"] == "alpha beta" and lines[6]["reference"] == "gamma"
     assert all(line["new_tokens"] <= 6 and line["verdict"] == "unscored" for line in lines)
@@ -214,3 +215,38 @@ def test_a_template_that_opens_reasoning_gets_replies_split(prompts, sft, tmp_pa
     unclosed = [line for line in lines if line["content"] == ""]
     assert unclosed, "a 6-token random reply should rarely close </think>"
     assert all(line["why"] == "empty" and not line["kept"] for line in unclosed)
+
+
+def test_prompt_only_rows_and_line_separators_inside_text(lora_run_copy, sft, tmp_path):
+    """Rows with only a prompt (or a question and its answer) are prompts; text holding U+2028 / U+0085
+    (written raw into all.jsonl) does not split a JSONL row."""
+    rows = [{"prompt": "Say something 1"}, {"question": "Say something\u2028 2", "answer": "alpha"},
+            {"problem": "Say\x85 something 3"}]
+    path = _write_jsonl(tmp_path / "questions.jsonl", rows)
+    result = sft("generate", f"run_dir={lora_run_copy}", f"gen.prompts={path}", "gen.n=2", "gen.max_new_tokens=4",
+                 "gen.keep_truncated=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = lora_run_copy / "generated"
+    assert not (out / "rejected.jsonl").read_text()
+    lines = [json.loads(raw) for raw in (out / "all.jsonl").read_bytes().split(b"\n") if raw]
+    assert [line["messages"][0]["content"] for line in lines[::2]] == [r.get("prompt") or r.get("question")
+                                                                       or r.get("problem") for r in rows]
+    assert lines[2]["reference"] == "alpha" and lines[0]["reference"] is None
+    assert json.loads((out / "report.json").read_text())["samples"] == 6
+
+
+def test_a_training_checkpoint_samples_like_the_final_model(lora_run, sft, tmp_path):
+    """gen.model=run/checkpoints/step-N (trainable weights only) is rebuilt as training built it: the
+    last checkpoint holds the final weights, so its greedy replies are final/'s."""
+    steps = sorted((lora_run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    last = steps[-1]
+    assert last.name == "step-6"  # conftest.lora_run trains 6 steps, saving every 2
+    prompts = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Say something {i}"} for i in range(3)])
+    common = [f"gen.prompts={prompts}", "gen.n=1", "gen.temperature=0", "gen.max_new_tokens=8",
+              "gen.keep_truncated=true"]
+    replies = {}
+    for name, model in (("final", lora_run), ("checkpoint", last)):
+        result = sft("generate", f"gen.model={model}", f"run_dir={tmp_path / name}", *common)
+        assert result.returncode == 0, result.stderr[-3000:]
+        replies[name] = [line["content"] for line in read_jsonl(tmp_path / name / "generated" / "all.jsonl")]
+    assert replies["checkpoint"] == replies["final"]

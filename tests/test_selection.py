@@ -31,6 +31,11 @@ def test_ties_break_on_length_then_sample_index():
     assert select(samples, "best") == select(samples, "best")  # deterministic
 
 
+def test_unscored_replies_rank_by_sample_index_not_length():
+    samples = [sample("a long and detailed distilled answer", None), sample("No.", None)]
+    assert kept(select(samples, "best")) == [0]  # scorer none: the first sample, not the shortest
+
+
 def test_only_passing_replies_are_eligible():
     samples = [sample("wrong answer here", 0.0, passed=False), sample("right answer here", 1.0),
                sample("also right but different words", 1.0)]

@@ -37,10 +37,12 @@ MMLU = Path(__file__).resolve().parent.parent / "sft_cli" / "assets" / "data" / 
     ("Answer: (d)", "D"),
     ("the correct answer is: **A**", "A"),
     ("At first the answer is (B), but checking again (A) fails too, so the answer is D.", "D"),
-    ("Options (A) and (C) look close; (C) fits.", "C"),  # no phrase: the last (X)
+    ("Options (A) and (C) look close; (C) fits.", None),  # no phrase and two letters named: no answer
+    ("(A) 2, (B) 3, (C) 4 and (D) 5. I am not sure.", None),  # restating the options is not answering
+    ("I would pick (C) here.", "C"),  # no phrase, one letter named
     ("(B)", "B"),
     ("C) True, False", "C"),  # answer first: the option it opens with
-    ("D) False, False (B)", "D"),  # ... over an option it repeats later
+    ("D) False, False (B)", None),  # two options named, no answer phrase: ambiguous
     ("A cat (B) sat", "B"),  # a capital A starting prose is not an option
     ("c", "C"),
     ("the answer is a number we cannot know", None),  # a bare lower-case 'a' in prose is not A
@@ -259,6 +261,12 @@ def test_mbpp_row():
 
 
 # ---------------------------------------------------------------- the sandbox
+
+
+def test_a_replys_main_block_does_not_run():
+    """HumanEval's harness does not run a solution's `if __name__ == "__main__":` demo; neither do we."""
+    program = "def f(x):\n    return x + 1\n\nif __name__ == '__main__':\n    input('n? ')\n\nassert f(1) == 2\n"
+    assert run_sandboxed(program) == Verdict(1.0, True, "ok")
 
 
 def test_passes_fails_raises_and_syntax_errors():
