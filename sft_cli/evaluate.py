@@ -38,7 +38,7 @@ from sft_cli.errors import ConfigError, SFTError
 from sft_cli.model import SFTModel, load_for_inference, pick_dtype, unwrap
 from sft_cli.run_dir import atomic_dir, is_complete, write_json_atomic, write_manifest
 from sft_cli.sampling import stop_token_ids
-from sft_cli.scoring import Scores, score
+from sft_cli.scoring import Scores, distinct_n, score
 
 
 def run(cfg: SFTConfig) -> int:
@@ -273,12 +273,6 @@ def generate_replies(model, tokenizer, prompts: list[dict], cfg: SFTConfig, stop
                 row["reasoning"] = reply.reasoning
             out.append(row)
     return out
-
-
-def distinct_n(replies: list[list[int]], n: int) -> float:
-    """Unique n-grams / all n-grams over a set of replies (Li et al., 2016): 1.0 = no repetition."""
-    grams = [tuple(r[i:i + n]) for r in replies for i in range(len(r) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def reply_stats(replies: list[dict]) -> dict:

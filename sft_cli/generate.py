@@ -47,6 +47,7 @@ from sft_cli.run_dir import (
     write_manifest,
 )
 from sft_cli.sampling import Completion, Prompt, Reply, SamplingParams, decode_reply, stop_token_ids, text_key
+from sft_cli.scoring import distinct_n
 from sft_cli.selection import select
 
 OUT = "generated"
@@ -605,12 +606,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def distinct_n(texts: list[str], n: int) -> float:
-    """Unique word n-grams / all word n-grams over a set of replies (Li et al., 2016): 1.0 = no repetition."""
-    grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
 def _stats(lines: list[dict], n: int) -> dict:
     by_prompt: dict[str, list[dict]] = {}
     for line in lines:
@@ -618,8 +613,8 @@ def _stats(lines: list[dict], n: int) -> dict:
     kept = [line for line in lines if line["kept"]]
     # pass@k: only where a verdict is right/wrong (match, tests); a reward score has no pass/fail.
     verified = {key: group for key, group in by_prompt.items() if group[0]["scorer"] in ("match", "tests")}
-    text = [(line["reasoning_content"] or "") + " " + line["content"] for line in lines]
-    kept_text = [(line["reasoning_content"] or "") + " " + line["content"] for line in kept]
+    text = [((line["reasoning_content"] or "") + " " + line["content"]).split() for line in lines]
+    kept_text = [((line["reasoning_content"] or "") + " " + line["content"]).split() for line in kept]
     scores = [line["score"] for line in lines if line["score"] is not None]
     return {
         "scorer": lines[0]["scorer"] if lines else None,

@@ -72,3 +72,10 @@ def score(model, batches: Sequence[dict], num_sources: int = 1, precision: Preci
     totals = all_reduce_sum_array(np.concatenate([loss_sum.cpu().numpy(), correct.cpu().numpy(), tokens]))
     return Scores(loss_sum=totals[:num_sources], correct=totals[num_sources:2 * num_sources].astype(np.int64),
                   tokens=totals[2 * num_sources:].astype(np.int64))
+
+
+def distinct_n(replies: list[list], n: int) -> float:
+    """Unique n-grams / all n-grams over a set of replies, each a list of tokens or words (Li et al., 2016):
+    1.0 = no repetition. sft evaluate counts token ids, sft generate words."""
+    grams = [tuple(r[i:i + n]) for r in replies for i in range(len(r) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
